@@ -1,0 +1,47 @@
+# The two commands of the README: `make run` and `make test`. Both install
+# what is missing first (uv included), so they work on a fresh machine.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+# uv from PATH, else the copy pip installs for this user, run as a module.
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: help install run test lint format bench clean
+
+help:
+	@echo "make run      install, then run the main job (embedded default without Redis)"
+	@echo "make test     install, then run the whole test suite"
+	@echo "make install  create .venv with adaptive-worker on its path"
+	@echo "make lint     ruff"
+	@echo "make bench    benchmarks (results go to BENCHMARKS.md by hand)"
+
+$(VENV)/.installed: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+		python3 -m pip install --quiet --user uv || \
+		python3 -m pip install --quiet --user --break-system-packages uv
+	$(UV) sync --locked
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/adaptive-worker run
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(VENV)/bin/python -m bench.learn
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

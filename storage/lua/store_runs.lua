@@ -1,0 +1,21 @@
+-- Store run records idempotently, each with its index entry, atomically.
+-- KEYS: for each run i: KEYS[2i-1] = run key, KEYS[2i] = runs_index key;
+--       last KEYS entry = the set of known agents.
+-- ARGV: for each run i: ARGV[2i-1] = run JSON, ARGV[2i] = run id;
+--       then one agent id per run (ARGV[2n + i]).
+-- Returns one integer per run: 1 stored now, 0 already present.
+-- SET NX decides; the RPUSH happens in the same script, so no client ever
+-- sees an index entry without its run key, and a retried store adds nothing.
+local n = (#KEYS - 1) / 2
+local agents = KEYS[#KEYS]
+local out = {}
+for i = 1, n do
+  if redis.call('SET', KEYS[2 * i - 1], ARGV[2 * i - 1], 'NX') then
+    redis.call('RPUSH', KEYS[2 * i], ARGV[2 * i])
+    redis.call('SADD', agents, ARGV[2 * n + i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out

@@ -1,0 +1,232 @@
+"""The Redis layer: run log, learned state, and the atomic commit.
+
+An agent's `runs_index` is a log; learned state is a fold over it. We keep per
+agent how many index entries are learned (`learned`) and how many retention
+trimmed from the front (`base`), both absolute, in one cursor hash. Learning
+reads a batch past `learned` and commits all changed state keys plus the new
+offset in one Lua script that refuses if `learned` moved meanwhile: the
+offset is the fencing token, so two learners can race and exactly one wins,
+with nothing of the loser visible.
+
+This module knows Redis and formats, nothing about learning. It works the same
+on a real server and on fakeredis (the scripts run on both).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis
+
+from storage.keys import Keys
+from storage.models import (
+    AccumulatorState,
+    ExecutionPlan,
+    PromptIR,
+    RunRecord,
+    StabilityAnalysisResult,
+    TrieEnvelope,
+    WireModel,
+    observations_json,
+    parse_observations,
+    parse_wire,
+)
+
+
+def _script(name: str) -> str:
+    return files("storage.lua").joinpath(name).read_text(encoding="utf-8")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON like serde_json writes (floats differ only in layout, see SPEC 3)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where an agent's learning stands, in absolute index offsets."""
+
+    learned: int = 0
+    base: int = 0
+    version: int = 0
+    index_length: int = 0
+
+    @property
+    def end(self) -> int:
+        """Absolute offset one past the last index entry."""
+        return self.base + self.index_length
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.learned)
+
+
+@dataclass(frozen=True, slots=True)
+class LearnBatch:
+    """What one learn step reads: the cursor, the next runs, and current state values."""
+
+    cursor: Cursor
+    run_ids: list[str]
+    runs: list[str | None]  # raw JSON, None where the run key is missing
+    state: dict[str, str | None]  # key -> raw JSON of state values asked for
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    committed: bool
+    version: int  # new state version, or -1 on conflict
+
+
+class Store:
+    """All Redis access for one key prefix."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self._store_runs = client.register_script(_script("store_runs.lua"))
+        self._read_batch = client.register_script(_script("read_batch.lua"))
+        self._commit = client.register_script(_script("commit.lua"))
+
+    # ------------------------------------------------------------------ runs
+    def store_runs(self, runs: Sequence[RunRecord]) -> list[bool]:
+        """Store runs idempotently; True for each run that was new.
+
+        One script call for the whole batch: each run key is SET NX and, only
+        when it was new, its id is appended to the agent's index in the same
+        atomic step.
+        """
+        if not runs:
+            return []
+        keys: list[str] = []
+        args: list[str] = []
+        for run in runs:
+            keys += [self.keys.run(run.agent_id, run.id), self.keys.runs_index(run.agent_id)]
+            args += [run.to_json(), run.id]
+        keys.append(self.keys.agents())
+        args += [run.agent_id for run in runs]
+        return [bool(flag) for flag in self._store_runs(keys=keys, args=args)]
+
+    def store_run(self, run: RunRecord) -> bool:
+        return self.store_runs([run])[0]
+
+    def read_runs(self, agent_id: str, offset: int, count: int) -> list[tuple[str, str | None]]:
+        """Index entries [offset, offset+count) (list positions) and their runs, one round trip."""
+        batch = self._read(agent_id, start=offset, count=count, state_keys=())
+        return list(zip(batch.run_ids, batch.runs, strict=True))
+
+    def run_ids(self, agent_id: str) -> list[str]:
+        return self.client.lrange(self.keys.runs_index(agent_id), 0, -1)
+
+    def get_run(self, agent_id: str, run_id: str) -> RunRecord | None:
+        raw = self.client.get(self.keys.run(agent_id, run_id))
+        return None if raw is None else parse_wire(RunRecord, raw)
+
+    # ------------------------------------------------------------- learning
+    def cursor(self, agent_id: str) -> Cursor:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.cursor(agent_id), ["learned", "base", "version"])
+        pipe.llen(self.keys.runs_index(agent_id))
+        (learned, base, version), length = pipe.execute()
+        return Cursor(int(learned or 0), int(base or 0), int(version or 0), int(length))
+
+    def read_learn_batch(
+        self, agent_id: str, max_runs: int, state_keys: Iterable[str] = ()
+    ) -> LearnBatch:
+        """The next runs past the learned offset, with the cursor and `state_keys`' values."""
+        return self._read(agent_id, start=None, count=max_runs, state_keys=tuple(state_keys))
+
+    def _read(
+        self, agent_id: str, *, start: int | None, count: int, state_keys: tuple[str, ...]
+    ) -> LearnBatch:
+        keys = [self.keys.cursor(agent_id), self.keys.runs_index(agent_id), *state_keys]
+        learned, base, version, llen, ids, runs, state = self._read_batch(
+            keys=keys,
+            args=[self.keys.run_key_prefix(agent_id), count, -1 if start is None else start],
+        )
+        cursor = Cursor(int(learned), int(base), int(version), int(llen))
+        return LearnBatch(
+            cursor,
+            list(ids),
+            [r or None for r in runs],
+            {k: (v or None) for k, v in zip(state_keys, state, strict=True)},
+        )
+
+    def commit(
+        self, agent_id: str, expected_learned: int, new_learned: int, writes: Mapping[str, str]
+    ) -> CommitResult:
+        """Write `writes` and move the learned offset, only if it is still `expected_learned`."""
+        keys = [self.keys.cursor(agent_id), *writes.keys()]
+        args: list[str | int] = [expected_learned, new_learned, *writes.values()]
+        version = int(self._commit(keys=keys, args=args))
+        return CommitResult(version >= 0, version)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str | None]:
+        if not keys:
+            return {}
+        return dict(zip(keys, self.client.mget(keys), strict=True))
+
+    # ------------------------------------------------------ learned state
+    def _get_model(self, key: str, model: type[WireModel]) -> Any:
+        raw = self.client.get(key)
+        return None if raw is None else parse_wire(model, raw)
+
+    def get_plan(self, agent_id: str) -> ExecutionPlan | None:
+        return self._get_model(self.keys.plan(agent_id), ExecutionPlan)
+
+    def get_trie(self, agent_id: str) -> TrieEnvelope | None:
+        return self._get_model(self.keys.trie(agent_id), TrieEnvelope)
+
+    def get_accumulators(self, agent_id: str) -> AccumulatorState | None:
+        return self._get_model(self.keys.accumulators(agent_id), AccumulatorState)
+
+    def get_stability(self, key: str) -> StabilityAnalysisResult | None:
+        return self._get_model(self.keys.acg_stability(key), StabilityAnalysisResult)
+
+    def get_observations(self, key: str) -> list[PromptIR] | None:
+        raw = self.client.get(self.keys.acg_observations(key))
+        return None if raw is None else parse_observations(raw)
+
+    def put_plan(self, plan: ExecutionPlan) -> None:
+        self.client.set(self.keys.plan(plan.agent_id), plan.to_json())
+
+    def put_trie(self, agent_id: str, trie: TrieEnvelope) -> None:
+        self.client.set(self.keys.trie(agent_id), trie.to_json())
+
+    def put_accumulators(self, agent_id: str, state: AccumulatorState) -> None:
+        self.client.set(self.keys.accumulators(agent_id), state.to_json())
+
+    def put_stability(self, key: str, result: StabilityAnalysisResult) -> None:
+        self.client.set(self.keys.acg_stability(key), result.to_json())
+
+    def put_observations(self, key: str, observations: list[PromptIR]) -> None:
+        self.client.set(self.keys.acg_observations(key), observations_json(observations))
+
+    # ------------------------------------------------------------- agents
+    def agent_ids(self) -> list[str]:
+        """Agents with a run index, found with SCAN (never KEYS)."""
+        head = len(self.keys.runs_index(""))
+        return sorted(
+            {k[head:] for k in self.client.scan_iter(self.keys.runs_index_pattern(), count=1000)}
+        )
+
+    def delete_prefix(self) -> int:
+        """Remove every key under the prefix (tests and `purge` only)."""
+        pattern = self.keys.runs_index_pattern().removesuffix("runs_index:*") + "*"
+        n = 0
+        batch: list[str] = []
+        for key in self.client.scan_iter(pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                n += self.client.delete(*batch)
+                batch.clear()
+        if batch:
+            n += self.client.delete(*batch)
+        return n
+
+
+def loads_or_none(raw: str | None) -> Any:
+    return None if raw is None else json.loads(raw)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a private key prefix per test on the REAL Redis, or fakeredis.
+
+Tests of storage, tasks and the pipeline run against the Redis on
+127.0.0.1:6379 (`.ci/run` starts one if none answers); each test gets its own
+prefix and removes its keys afterwards, so tests never see each other.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from storage.store import Store
+
+REDIS_URL = os.environ.get("ADAPTIVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def real_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - .ci/run starts Redis
+        pytest.fail(f"the real Redis at {REDIS_URL} is required for this test: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def real_store(real_redis: redis.Redis, prefix: str) -> Iterator[Store]:
+    store = Store(real_redis, prefix)
+    yield store
+    store.delete_prefix()
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def store(request: pytest.FixtureRequest, prefix: str) -> Iterator[Store]:
+    """The same test on the real server and on the embedded fakeredis."""
+    if request.param == "redis":
+        yield request.getfixturevalue("real_store")
+    else:
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+        yield Store(client, prefix)
