@@ -86,11 +86,13 @@ def _check_timestamp(value: str) -> str:
 
 
 def _check_uuid(value: str) -> str:
+    # The runtime parses ids into `Uuid` and writes them back lowercase and
+    # hyphenated, so a run submitted as `{ABC...}` is stored as the runtime
+    # would store it.
     try:
-        uuid.UUID(value)
+        return str(uuid.UUID(value))
     except ValueError:
         raise ValueError(f"not a UUID: {value!r}") from None
-    return value
 
 
 def _check_u32_key(value: str) -> str:

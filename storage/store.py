@@ -156,13 +156,72 @@ class Store:
         )
 
     def commit(
-        self, agent_id: str, expected_learned: int, new_learned: int, writes: Mapping[str, str]
+        self,
+        agent_id: str,
+        expected_learned: int,
+        new_learned: int,
+        writes: Mapping[str, str],
+        *,
+        runs_learned: int = 0,
+        dead_letters: Sequence[str] = (),
     ) -> CommitResult:
-        """Write `writes` and move the learned offset, only if it is still `expected_learned`."""
-        keys = [self.keys.cursor(agent_id), *writes.keys()]
-        args: list[str | int] = [expected_learned, new_learned, *writes.values()]
+        """Write `writes`, dead letters and the new offset, only if it is still `expected_learned`."""
+        keys = [
+            self.keys.cursor(agent_id),
+            self.keys.dead_letters(),
+            self.keys.counters(),
+            *writes.keys(),
+        ]
+        args: list[str | int] = [
+            expected_learned,
+            new_learned,
+            runs_learned,
+            len(dead_letters),
+            *dead_letters,
+            *writes.values(),
+        ]
         version = int(self._commit(keys=keys, args=args))
         return CommitResult(version >= 0, version)
+
+    # --------------------------------------------------------- dead letters
+    def push_dead_letters(self, entries: Sequence[str]) -> None:
+        if entries:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(self.keys.dead_letters(), *entries)
+            pipe.hincrby(self.keys.counters(), "dead_letters", len(entries))
+            pipe.execute()
+
+    def dead_letters(self, start: int = 0, count: int = -1) -> list[str]:
+        stop = -1 if count < 0 else start + count - 1
+        return self.client.lrange(self.keys.dead_letters(), start, stop)
+
+    def dead_letter_count(self) -> int:
+        return int(self.client.llen(self.keys.dead_letters()))
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.client.hgetall(self.keys.counters()).items()}
+
+    def incr_counter(self, name: str, amount: int = 1) -> None:
+        self.client.hincrby(self.keys.counters(), name, amount)
+
+    # -------------------------------------------------------- learn markers
+    def mark_pending(self, agent_ids: Iterable[str], ttl_s: int) -> list[str]:
+        """SET NX EX a pending marker per agent; the agents whose marker is new.
+
+        Only those need a learn enqueued: however many runs arrive, at most
+        one learn per agent is waiting. The expiry bounds the cost of a lost
+        learn message (the next ingest or the beat sweep enqueues again).
+        """
+        agents = list(dict.fromkeys(agent_ids))
+        if not agents:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for agent in agents:
+            pipe.set(self.keys.pending(agent), "1", nx=True, ex=ttl_s)
+        return [a for a, ok in zip(agents, pipe.execute(), strict=True) if ok]
+
+    def clear_pending(self, agent_id: str) -> None:
+        self.client.delete(self.keys.pending(agent_id))
 
     def get_many(self, keys: Sequence[str]) -> dict[str, str | None]:
         if not keys:

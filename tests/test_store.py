@@ -139,10 +139,14 @@ def test_commit_is_compare_and_set(store: Store) -> None:
     first = store.commit(agent, 0, 2, {store.keys.plan(agent): '{"v":1}'})
     assert first.committed and first.version == 1
     # A second learner that read offset 0 too must lose, and write nothing.
-    second = store.commit(agent, 0, 2, {store.keys.plan(agent): '{"v":2}', "x": "y"})
+    second = store.commit(
+        agent, 0, 2, {store.keys.plan(agent): '{"v":2}', "x": "y"}, dead_letters=["dl"]
+    )
     assert not second.committed
     assert store.client.get(store.keys.plan(agent)) == '{"v":1}'
     assert store.client.get("x") is None
+    assert store.dead_letter_count() == 0
+    assert store.counters() == {"commits": 1, "conflicts": 1, "runs_learned": 0}
     assert store.cursor(agent).learned == 2
     assert store.read_learn_batch(agent, 10).run_ids == []
 
