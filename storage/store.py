@@ -165,7 +165,7 @@ class Store:
         runs_learned: int = 0,
         dead_letters: Sequence[str] = (),
     ) -> CommitResult:
-        """Write `writes`, dead letters and the new offset, only if it is still `expected_learned`."""
+        """Write `writes`, dead letters and the new offset iff it is still `expected_learned`."""
         keys = [
             self.keys.cursor(agent_id),
             self.keys.dead_letters(),

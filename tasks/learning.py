@@ -181,7 +181,7 @@ def learn_step(
         len(dead) if result.committed else 0,
         result.committed,
         caught_up and result.committed,
-        tuple(changes.keys()) if result.committed else (),
+        tuple(changes.changed()) if result.committed else (),
     )
 
 
@@ -191,6 +191,7 @@ class LearnSummary:
     dead: int = 0
     commits: int = 0
     conflicts: int = 0
+    caught_up: bool = False
     keys_written: set[str] = field(default_factory=set)
 
 
@@ -218,6 +219,7 @@ def learn_agent(
             summary.dead += step.dead
             summary.keys_written.update(f"{kind}:{key or agent}" for kind, key in step.changed)
             if step.caught_up:
+                summary.caught_up = True
                 return summary
         else:
             summary.conflicts += 1

@@ -52,7 +52,8 @@ def _store(settings: Settings) -> Store:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise _fail(f"cannot reach Redis at {settings.redis_url}: {exc}", EXIT_UNAVAILABLE) from None
+        message = f"cannot reach Redis at {settings.redis_url}: {exc}"
+        raise _fail(message, EXIT_UNAVAILABLE) from None
     return Store(client, settings.key_prefix)
 
 

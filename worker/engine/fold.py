@@ -57,7 +57,7 @@ class Changes:
     observations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     stability: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def keys(self) -> list[tuple[str, str]]:
+    def changed(self) -> list[tuple[str, str]]:
         """(kind, key) pairs that changed, e.g. ("acg_stability", learning key)."""
         out = [
             (kind, "")
@@ -94,7 +94,7 @@ def fold(
     state: AgentState,
     runs: Sequence[RunRecord],
     *,
-    config: EngineConfig = EngineConfig(),  # noqa: B008 - frozen, shared safely
+    config: EngineConfig = EngineConfig(),
     clock: Callable[[], str] = utc_now,
     new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
 ) -> Changes:

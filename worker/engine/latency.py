@@ -361,7 +361,8 @@ class Accumulators:
     def from_wire(cls, d: dict[str, Any] | None) -> Accumulators:
         out = cls()
         if d:
-            out.nodes = {k: NodeAccumulators.from_wire(v) for k, v in (d.get("nodes") or {}).items()}
+            nodes = d.get("nodes") or {}
+            out.nodes = {k: NodeAccumulators.from_wire(v) for k, v in nodes.items()}
         return out
 
 

@@ -28,7 +28,12 @@ Facts about the crate that matter (all easy to get wrong):
 
 The runtime feeds one sample at a time (`merge_unsorted(vec![x])`), so the hot
 path is `add`, written with parallel lists of means and weights instead of
-centroid objects.
+centroid objects.  (`merge_digests` may leave max_size + 1 centroids; the
+crate does too.)
+
+Verified bit for bit against the crate itself (its 0.2.3 source compiled with
+a small harness; see tests/engine/test_tdigest.py), including compression,
+merges and the re-rounding of unmerged heavy centroids.
 """
 
 from __future__ import annotations
@@ -58,10 +63,14 @@ _KQ_CACHE: dict[int, list[float]] = {}
 
 
 def _kq_table(max_size: int, upto: int) -> list[float]:
-    table = _KQ_CACHE.setdefault(max_size, [])
-    d = float(max_size)
-    while len(table) <= upto:
-        table.append(_k_to_q(float(len(table)), d))
+    """k_to_q(k, max_size) for k = 0..upto (at least).  A grown table replaces
+    the old one in a single assignment, so threads never see a half-built one."""
+    table = _KQ_CACHE.get(max_size)
+    if table is None or len(table) <= upto:
+        d = float(max_size)
+        size = max(upto + 1, 2 * max_size + 8)
+        table = [_k_to_q(float(k), d) for k in range(size)]
+        _KQ_CACHE[max_size] = table
     return table
 
 
@@ -91,7 +100,7 @@ def _compress(
     q_limit_times_count = kq[1] * count
     k_limit = second_k
 
-    pairs = zip(means, weights)
+    pairs = zip(means, weights, strict=True)
     cur_m, cur_w = next(pairs)
     weight_so_far = cur_w
     sums_to_merge = 0.0

@@ -33,6 +33,10 @@ _WS_NO_SPACE_CLASS = "".join(f"\\u{ord(c):04x}" for c in RUST_WHITESPACE if c !=
 
 # A whitespace run needs rewriting unless it is a single ASCII space.
 _WS_RUN = re.compile(f"[{_WS_CLASS}]{{2,}}|[{_WS_NO_SPACE_CLASS}]")
+# Text is already normal unless it has whitespace other than space and newline,
+# or a space followed by whitespace.
+_OTHER_WS_CLASS = "".join(f"\\u{ord(c):04x}" for c in RUST_WHITESPACE if c not in " \n")
+_NEEDS_WORK = re.compile(f"[{_OTHER_WS_CLASS}]| [ \\n]")
 
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
@@ -62,11 +66,25 @@ def normalize_whitespace(text: str) -> str:
     Trim; inside, every run of whitespace keeps its newlines and collapses the
     rest to one space, which is dropped when a newline follows it (the Rust loop
     forgets a pending space at each newline). The text is trimmed, so every run
-    ends before a non-whitespace character.
+    ends before a non-whitespace character. Most prompt text is already normal
+    (only single spaces and newlines, no space before a newline): that is
+    checked with substring scans before any regex runs.
     """
     trimmed = text.strip(RUST_WHITESPACE)
     if not trimmed:
         return ""
+    if trimmed.isascii():
+        if (
+            "  " not in trimmed
+            and " \n" not in trimmed
+            and "\t" not in trimmed
+            and "\r" not in trimmed
+            and "\x0b" not in trimmed
+            and "\x0c" not in trimmed
+        ):
+            return trimmed
+    elif _NEEDS_WORK.search(trimmed) is None:
+        return trimmed
     return _WS_RUN.sub(_ws_replace, trimmed)
 
 
@@ -114,7 +132,7 @@ def _jcs_into(value: Any, out: list[str]) -> None:
         keys = sorted(value)
         # Code point order equals UTF-16 order unless a key has an astral character.
         joined = "".join(keys)
-        if joined and max(joined) > "\uffff":
+        if not joined.isascii() and max(joined) > "\uffff":
             keys.sort(key=_utf16_key)
         sep = "{"
         for key in keys:
@@ -149,6 +167,26 @@ def _jcs_into(value: Any, out: list[str]) -> None:
         out.append(_encode_str(value))
     else:
         out.append(_jcs_scalar(value))
+
+
+def jcs_object(value: dict[str, Any], known: dict[str, str]) -> str:
+    """RFC 8785 text of an object whose members in `known` are already canonical text."""
+    keys = sorted(value)
+    joined = "".join(keys)
+    if not joined.isascii() and max(joined) > "\uffff":
+        keys.sort(key=_utf16_key)
+    out: list[str] = []
+    sep = "{"
+    for key in keys:
+        text = known.get(key)
+        if text is None:
+            out.append(f"{sep}{_encode_str(key)}:")
+            _jcs_into(value[key], out)
+        else:
+            out.append(f"{sep}{_encode_str(key)}:{text}")
+        sep = ","
+    out.append("}" if out else "{}")
+    return "".join(out)
 
 
 def jcs(value: Any) -> str:
@@ -188,7 +226,7 @@ def serde_float(value: float) -> str:
     digits = stripped.rstrip("0")
     length = len(digits)
     k = point - length
-    if 0 <= k and point <= 16:
+    if k >= 0 and point <= 16:
         body = digits + "0" * k + ".0"
     elif 0 < point <= 16:
         body = digits[:point] + "." + digits[point:]

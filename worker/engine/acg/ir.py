@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.engine.acg.canonical import jcs, normalize_whitespace, sha256_hex
+from worker.engine.acg.canonical import jcs, jcs_object, normalize_whitespace, sha256_hex
 from worker.engine.acg.content import UnsupportedRequest, ir_text
 from worker.engine.acg.tools import ToolsInfo, tools_info
 
@@ -87,18 +87,37 @@ def build_blocks(
         nonlocal seq
         if tools is not None:
             for schema in tools.schemas:
-                append(_block(seq, "system", schema.block_content, "tool_schema", "system",
-                              schema.name))
+                append(
+                    _block(
+                        seq, "system", schema.block_content, "tool_schema", "system", schema.name
+                    )
+                )
                 seq += 1
         if structured_output is not None:
-            append(_block(seq, "system", structured_output, "structured_output", "system",
-                          "structured-output"))
+            append(
+                _block(
+                    seq,
+                    "system",
+                    structured_output,
+                    "structured_output",
+                    "system",
+                    "structured-output",
+                )
+            )
             seq += 1
 
     instructions = request.get("instructions")
     if instructions is not None:
-        append(_block(seq, "system", normalize_whitespace(ir_text(instructions)), "text",
-                      "system", "instructions"))
+        append(
+            _block(
+                seq,
+                "system",
+                normalize_whitespace(ir_text(instructions)),
+                "text",
+                "system",
+                "instructions",
+            )
+        )
         seq += 1
 
     messages = request.get("messages", [])
@@ -125,8 +144,16 @@ def build_blocks(
             content = message.get("content")
             if content is not None:
                 # Emitted whenever content is present, even when it is empty.
-                append(_block(seq, "assistant", normalize_whitespace(ir_text(content)), "text",
-                              "developer", None))
+                append(
+                    _block(
+                        seq,
+                        "assistant",
+                        normalize_whitespace(ir_text(content)),
+                        "text",
+                        "developer",
+                        None,
+                    )
+                )
                 seq += 1
             calls = message.get("tool_calls")
             if calls is not None:
@@ -177,20 +204,38 @@ def build_blocks(
     return blocks
 
 
-def source_request_hash(request: dict[str, Any]) -> str:
-    """sha256 of the RFC 8785 text of the request exactly as stored (hints included)."""
-    return sha256_hex(jcs(request))
+def source_request_hash(request: dict[str, Any], tools: ToolsInfo | None = None) -> str:
+    """sha256 of the RFC 8785 text of the request exactly as stored (hints included).
+
+    The tool list, the bulk of most requests, is taken from the tools cache.
+    """
+    if tools is None:
+        return sha256_hex(jcs(request))
+    return sha256_hex(jcs_object(request, {"tools": tools.stored_canonical}))
 
 
-def build_prompt_ir(request: dict[str, Any], *, ir_id: str, created_at: str) -> dict[str, Any]:
+def request_tools(request: dict[str, Any]) -> ToolsInfo | None:
+    """Cached tool data of a request; None when it has no `tools` (or `tools: null`)."""
+    raw_tools = request.get("tools")
+    return None if raw_tools is None else tools_info(raw_tools)
+
+
+def build_prompt_ir(
+    request: dict[str, Any],
+    *,
+    ir_id: str,
+    created_at: str,
+    tools: ToolsInfo | None = None,
+) -> dict[str, Any]:
     """Wire dict of the PromptIR observation for one recorded request.
 
+    `tools` may pass `request_tools(request)` when the caller already has it.
     Raises UnsupportedRequest when the runtime could not have parsed the request.
     """
     if not isinstance(request, dict):
         raise UnsupportedRequest("annotated_request is not an object")
-    raw_tools = request.get("tools")
-    tools = None if raw_tools is None else tools_info(raw_tools)
+    if tools is None:
+        tools = request_tools(request)
     structured_output = structured_output_canonical(request)
     blocks = build_blocks(request, tools, structured_output)
     observation: dict[str, Any] = {"ir_id": ir_id, "blocks": blocks}
@@ -200,6 +245,6 @@ def build_prompt_ir(request: dict[str, Any], *, ir_id: str, created_at: str) -> 
         ]
     if structured_output is not None:
         observation["structured_output_schema_id"] = sha256_hex(structured_output)
-    observation["source_request_hash"] = source_request_hash(request)
+    observation["source_request_hash"] = source_request_hash(request, tools)
     observation["created_at"] = created_at
     return observation

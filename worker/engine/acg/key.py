@@ -14,8 +14,8 @@ from typing import Any
 
 from worker.engine.acg.canonical import jcs, serde_json_text, sha256_hex
 from worker.engine.acg.content import UnsupportedRequest, content_value, seed_text
-from worker.engine.acg.ir import structured_output_canonical
-from worker.engine.acg.tools import tools_info
+from worker.engine.acg.ir import request_tools, structured_output_canonical
+from worker.engine.acg.tools import ToolsInfo
 
 HASH_PREFIX_LEN = 16
 STABLE_SCAFFOLD = "stable-scaffold"
@@ -47,10 +47,9 @@ def system_fingerprint(request: dict[str, Any]) -> str:
     return sha256_hex(jcs(entries)) if entries else "no-system"
 
 
-def tools_fingerprint(request: dict[str, Any]) -> str:
-    """`no-tools` without a tools key, `tools-unavailable` for `[]`, else sha256 of `|`-joined JCS."""
-    tools = request.get("tools")
-    return "no-tools" if tools is None else tools_info(tools).fingerprint
+def tools_fingerprint(tools: ToolsInfo | None) -> str:
+    """`no-tools` without tools, `tools-unavailable` for `[]`, else sha256 of `|`-joined JCS."""
+    return "no-tools" if tools is None else tools.fingerprint
 
 
 def response_format_fingerprint(request: dict[str, Any]) -> str | None:
@@ -94,13 +93,17 @@ def seed_fingerprint(request: dict[str, Any]) -> str:
     return "no-seed"
 
 
-def learning_key(agent_id: str, request: dict[str, Any]) -> str:
-    """The key a request's observation is stored under (`acg_observations:{key}`)."""
+def learning_key(agent_id: str, request: dict[str, Any], tools: ToolsInfo | None = None) -> str:
+    """The key a request's observation is stored under (`acg_observations:{key}`).
+
+    `tools` may pass `request_tools(request)` when the caller already has it.
+    """
+    if tools is None:
+        tools = request_tools(request)
     system = system_fingerprint(request)
-    tools = request.get("tools")
-    tools_fp = tools_fingerprint(request)
+    tools_fp = tools_fingerprint(tools)
     response_format = response_format_fingerprint(request)
-    scaffold = system != "no-system" or bool(tools) or response_format is not None
+    scaffold = system != "no-system" or bool(tools and tools.schemas) or response_format is not None
     model = request.get("model")
     if not isinstance(model, str):
         model = "unknown"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.acg.ir import build_prompt_ir
+from worker.engine.acg.ir import build_prompt_ir, request_tools
 from worker.engine.acg.key import learning_key
 from worker.engine.acg.stability import analyze
 
@@ -38,11 +38,12 @@ if TYPE_CHECKING:
 
 DEFAULT_WINDOW_SIZE = 100
 
-# Errors meaning "this request is not something the runtime could parse".
-_MALFORMED = (ValueError, TypeError, KeyError)
+# Errors meaning "this request is not something the runtime could parse"
+# (RecursionError: nesting deeper than serde_json's parser accepts anyway).
+_MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
 
 _Prepared = tuple[str, dict[str, Any]] | None
-_CACHE_LIMIT = 1024
+_CACHE_LIMIT = 256
 # (id(request), agent_id) -> (request, prepared). The request is held so its id
 # cannot be reused while the entry lives; it lets `fold_acg` reuse the work
 # `learning_keys` did on the same record objects (records are not mutated).
@@ -70,9 +71,12 @@ def _prepare(agent_id: str, request: Any) -> _Prepared:
     cached = _prepared_cache.get(cache_key)
     if cached is not None and cached[0] is request:
         return cached[1]
+    if not isinstance(request, dict):
+        return None
     try:
-        observation = build_prompt_ir(request, ir_id="", created_at="")
-        prepared = (learning_key(agent_id, request), observation)
+        tools = request_tools(request)
+        observation = build_prompt_ir(request, ir_id="", created_at="", tools=tools)
+        prepared = (learning_key(agent_id, request, tools), observation)
     except _MALFORMED:
         prepared = None
     if len(_prepared_cache) >= _CACHE_LIMIT:

@@ -11,9 +11,11 @@ Two runtime details matter here and differ from what one might guess:
 - the stored fingerprint is bound to the learning key and, past the scaffold,
   to each observation's `source_request_hash`; the most frequent one wins, the
   smallest digest on a tie.
-Content equality stands in for the runtime's equality of content hashes (and
-tuple equality for its JSON block keys); both are exact equivalences, and
-avoiding the hashes keeps the analysis cheap.
+
+The window is re-analysed on every fold, so the work is arranged for speed:
+content equality stands in for the runtime's equality of content hashes, and
+tuple equality for equality of its JSON block keys (both exact equivalences),
+and counting goes through `Counter` (C) over one tuple per block.
 """
 
 from __future__ import annotations
@@ -34,17 +36,27 @@ FULL_CONFIDENCE_OBSERVATIONS = 20
 _RANK = {"variable": 0, "semi_stable": 1, "stable": 2}
 _SCAFFOLD_TYPES = frozenset({"tool_schema", "structured_output"})
 
-BlockKey = tuple[str, str, str, str]
+# (span_id, role, content_type, content, sequence_index). The first four are the
+# runtime's block identity; the index rides along for the span ordering. In
+# every observation the runtime builds, the block at position d has index d,
+# so the index never splits blocks the runtime would call equal; windows where
+# that does not hold are compared on the first four fields only.
+BlockKey = tuple[str, str, str, str, int]
 
-
-_KEY_FIELDS = itemgetter("span_id", "role", "content_type", "content")
-_SPAN_INDEX = itemgetter("span_id", "sequence_index")
+_BLOCK_FIELDS = itemgetter("span_id", "role", "content_type", "content", "sequence_index")
+_INDEX = itemgetter(4)
 _SPAN = itemgetter(0)
-_SPAN_CONTENT = itemgetter(0, 3)
+_IDENTITY = itemgetter(0, 1, 2, 3)
+_ORDER = itemgetter(0, 1, 2)
 
 
-def _block_keys(observation: dict[str, Any]) -> list[BlockKey]:
-    return list(map(_KEY_FIELDS, observation.get("blocks", ())))
+def block_keys(observation: dict[str, Any]) -> list[BlockKey]:
+    """One key per block of a stored observation, in order."""
+    return list(map(_BLOCK_FIELDS, observation.get("blocks", ())))
+
+
+def _indexed_by_position(keys: list[list[BlockKey]]) -> bool:
+    return all(list(map(_INDEX, ks)) == list(range(len(ks))) for ks in keys)
 
 
 def classify(score: float) -> str:
@@ -55,33 +67,30 @@ def classify(score: float) -> str:
     return "variable"
 
 
-def span_scores(
-    observations: list[dict[str, Any]], keys: list[list[BlockKey]] | None = None
-) -> list[dict[str, Any]]:
-    """One score per span id, in the runtime's canonical order.
+def span_scores(keys: list[list[BlockKey]]) -> list[dict[str, Any]]:
+    """One score per span id (over N = len(keys) observations), in the runtime's order.
 
     score = (present / N) * (most common content count / present), evaluated in
-    that order so the float is bit-identical; order = (smallest sequence index
-    seen, class rank variable < semi_stable < stable, span id). A span counts
-    as present once per observation, while its contents are counted per block,
-    as in the runtime. Counting runs through `Counter` (C) because the window
-    is re-analysed on every fold.
+    that order so the float is bit-identical; a span is present once per
+    observation while its contents are counted per block, as in the runtime.
+    Order = (smallest sequence index seen, class rank variable < semi_stable <
+    stable, span id).
     """
-    total = len(observations)
-    if keys is None:
-        keys = [_block_keys(o) for o in observations]
-    flat = list(chain.from_iterable(keys))
+    total = len(keys)
     present = Counter(chain.from_iterable(set(map(_SPAN, ks)) for ks in keys))
-    dominant: dict[str, int] = {}
-    for (span_id, _content), count in Counter(map(_SPAN_CONTENT, flat)).items():
-        if count > dominant.get(span_id, 0):
-            dominant[span_id] = count
+    by_content: dict[tuple[str, str], int] = {}
     first_index: dict[str, int] = {}
-    for span_id, index in set(
-        chain.from_iterable(map(_SPAN_INDEX, o.get("blocks", ())) for o in observations)
-    ):
+    for (span_id, _role, _type, content, index), count in Counter(
+        chain.from_iterable(keys)
+    ).items():
+        pair = (span_id, content)
+        by_content[pair] = by_content.get(pair, 0) + count
         if index < first_index.get(span_id, index + 1):
             first_index[span_id] = index
+    dominant: dict[str, int] = {}
+    for (span_id, _content), count in by_content.items():
+        if count > dominant.get(span_id, 0):
+            dominant[span_id] = count
 
     ranked: list[tuple[int, int, str, dict[str, Any]]] = []
     for span_id, count in present.items():
@@ -105,72 +114,64 @@ def span_scores(
     return [item[3] for item in ranked]
 
 
-_ORDER = itemgetter(0, 1, 2)
-
-
 def required_agreement(total: int) -> int:
     """clamp(ceil(0.95 N), floor(N/2) + 1, max(N, 1)): a strict majority at least."""
     return min(max(math.ceil(STABLE_THRESHOLD * total), total // 2 + 1), max(total, 1))
 
 
-def _common_prefix(left: list[BlockKey], right: list[BlockKey]) -> int:
-    for depth, (a, b) in enumerate(zip(left, right)):
-        if a != b:
-            return depth
-    return min(len(left), len(right))
+def _descend(keys: list[list[Any]]) -> tuple[int, list[int]]:
+    """The runtime's exact-prefix descent; returns (length, indices of the dominant group).
 
-
-def stable_prefix_length(keys: list[list[BlockKey]]) -> int:
-    """Length of the exact block prefix shared by `required` observations (the runtime's descent).
-
-    The runtime descends depth by depth, keeping the group of current members
-    that share the block at that depth if it holds at least `required` (a strict
-    majority, so at most one group qualifies; members without such a block drop
-    out). That ends at the largest d for which some length-d prefix is shared by
-    `required` observations. In sorted order, observations sharing a prefix are
-    contiguous and the common prefix of a run of them is that of its two ends,
-    so the answer is the best common prefix over the windows of `required`
-    consecutive sorted observations: a sort in C instead of a loop per depth.
+    Start with every observation; at depth d group the current members by
+    their block d (members without one drop out); if a group holds at least
+    `required` members (a strict majority, so at most one group can) it becomes
+    the members for depth d + 1, otherwise the length is d. The final members
+    are exactly the observations whose first `length` blocks are the dominant
+    prefix.
     """
-    total = len(keys)
-    required = required_agreement(total)
-    if required > total:
-        return 0
-    ordered = sorted(keys)
-    return max(
-        _common_prefix(ordered[i], ordered[i + required - 1])
-        for i in range(total - required + 1)
-    )
-
-
-def descent_prefix_length(keys: list[list[BlockKey]]) -> int:
-    """The runtime's depth-by-depth descent, literally (reference for `stable_prefix_length`)."""
     required = required_agreement(len(keys))
-    members = keys
+    members = list(range(len(keys)))
     depth = 0
     while True:
-        groups: dict[BlockKey, list[list[BlockKey]]] = {}
-        for blocks in members:
+        groups: dict[Any, list[int]] = {}
+        for i in members:
+            blocks = keys[i]
             if depth < len(blocks):
-                groups.setdefault(blocks[depth], []).append(blocks)
-        dominant = next((g for g in groups.values() if len(g) >= required), None)
-        if dominant is None:
-            return depth
-        members = dominant
+                key = blocks[depth]
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [i]
+                else:
+                    group.append(i)
+        for group in groups.values():
+            if len(group) >= required:
+                members = group
+                break
+        else:
+            return depth, members
         depth += 1
 
 
+def stable_prefix_length(keys: list[list[Any]]) -> int:
+    """Exact-prefix descent length over block keys (one list per observation)."""
+    return _descend(keys)[0]
+
+
 def _prefix_digest(prefix: tuple[BlockKey, ...]) -> str:
+    # serde_json of (span_id, role, content_type, content) per block, newline-joined.
     return sha256_hex(
-        "\n".join(json.dumps(list(k), ensure_ascii=False, separators=(",", ":")) for k in prefix)
+        "\n".join(
+            json.dumps(list(_IDENTITY(k)), ensure_ascii=False, separators=(",", ":"))
+            for k in prefix
+        )
     )
 
 
 def _all_scaffold(prefix: tuple[BlockKey, ...]) -> bool:
-    """Whether every block of the prefix is scaffold (system role, tool schema, structured output).
+    """Whether every prefix block is scaffold (system role, tool schema, structured output).
 
-    Equivalent to the runtime's `prefix_length <= scaffold_length` test, which
-    only looks at the prefix's own blocks.
+    Same as the runtime's `prefix_length <= scaffold_length`, which only
+    depends on the prefix's own blocks.
     """
     return all(k[1] == "system" or k[2] in _SCAFFOLD_TYPES for k in prefix)
 
@@ -180,26 +181,32 @@ def prefix_fingerprint(
     keys: list[list[BlockKey]],
     prefix_length: int,
     learning_key: str,
+    dominant: list[int] | None = None,
 ) -> str | None:
     """Most frequent per-observation bound fingerprint (smallest digest on a tie).
 
     Per observation: sha256(key \\n P \\n R) with P the digest of its first
     `prefix_length` blocks and R `stable-scaffold` when those blocks are all
     scaffold, else its `source_request_hash`. Observations shorter than the
-    prefix (or without the hash when it is needed) give none. Observations
-    sharing a prefix share P (and, for a scaffold prefix, the whole digest),
-    so those are computed once per distinct prefix.
+    prefix (or without the hash when it is needed) give none. P (and for a
+    scaffold prefix the whole digest) is computed once per distinct prefix;
+    `dominant` (from the descent) lists observations known to share one prefix,
+    which spares comparing their prefixes.
     """
     if prefix_length == 0:
         return None
-    # prefix -> (P, fingerprint when the prefix is all scaffold, else None)
     per_prefix: dict[tuple[BlockKey, ...], tuple[str, str | None]] = {}
+    shared: tuple[str, str | None] | None = None
+    in_dominant = set(dominant or ())
     counts: dict[str, int] = {}
-    for observation, blocks in zip(observations, keys, strict=True):
+    for i, (observation, blocks) in enumerate(zip(observations, keys, strict=True)):
         if len(blocks) < prefix_length:
             continue
-        prefix = tuple(blocks[:prefix_length])
-        known = per_prefix.get(prefix)
+        if i in in_dominant and shared is not None:
+            known: tuple[str, str | None] | None = shared
+        else:
+            prefix = tuple(blocks[:prefix_length])
+            known = per_prefix.get(prefix)
         if known is None:
             digest = _prefix_digest(prefix)
             scaffold_fp = (
@@ -208,6 +215,8 @@ def prefix_fingerprint(
                 else None
             )
             known = per_prefix[prefix] = (digest, scaffold_fp)
+            if i in in_dominant:
+                shared = known
         fingerprint = known[1]
         if fingerprint is None:
             bound = observation.get("source_request_hash")
@@ -226,13 +235,13 @@ def analyze(observations: list[dict[str, Any]], learning_key: str) -> dict[str, 
     total = len(observations)
     if total == 0:
         return {"scores": [], "stable_prefix_length": 0, "total_observations": 0}
-    keys = [_block_keys(o) for o in observations]
-    length = stable_prefix_length(keys)
-    result: dict[str, Any] = {
-        "scores": span_scores(observations, keys),
-        "stable_prefix_length": length,
-    }
-    fingerprint = prefix_fingerprint(observations, keys, length, learning_key)
+    keys = [block_keys(o) for o in observations]
+    if _indexed_by_position(keys):
+        length, dominant = _descend(keys)
+    else:
+        length, dominant = _descend([list(map(_IDENTITY, ks)) for ks in keys])
+    result: dict[str, Any] = {"scores": span_scores(keys), "stable_prefix_length": length}
+    fingerprint = prefix_fingerprint(observations, keys, length, learning_key, dominant)
     if fingerprint is not None:
         result["stable_prefix_fingerprint"] = fingerprint
     result["total_observations"] = total

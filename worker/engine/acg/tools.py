@@ -1,14 +1,18 @@
 """Tool definitions: canonical text, schema hashes and the tools fingerprint.
 
 An agent sends the same tool list on every call, so the canonical form of a
-tool list is computed once per distinct list and cached by its plain JSON text
-(`json.dumps` runs in C; RFC 8785 does not). Both the prompt IR (tool-schema
-blocks, `tool_schema_hashes`) and the learning key (tools fingerprint) read it.
+tool list is computed once per distinct list and cached by content. The cache
+key is the `marshal` serialization (C, ~10x faster than `json.dumps`): it is
+faithful and typed (`True`, `1` and `1.0` differ), so equal keys mean equal
+lists; object sharing can make equal lists serialize differently, which only
+costs a cache miss. Both the prompt IR (tool-schema blocks,
+`tool_schema_hashes`, the request hash) and the learning key read it.
 """
 
 from __future__ import annotations
 
 import json
+import marshal
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +42,11 @@ class ToolsInfo:
 
     schemas: tuple[ToolSchema, ...]
     fingerprint: str
+    stored_canonical: str  # RFC 8785 of the list exactly as stored (for the request hash)
 
 
 def _normalized_tool(tool: Any) -> tuple[str, dict[str, Any]]:
-    """(name, serde value) of one `ToolDefinition`."""
+    """(name, serde value) of one `ToolDefinition`; the value is `tool` itself when unchanged."""
     if not isinstance(tool, dict):
         raise UnsupportedRequest("tool definition is not an object")
     kind = tool.get("type")
@@ -61,19 +66,18 @@ def _normalized_tool(tool: Any) -> tuple[str, dict[str, Any]]:
         raise UnsupportedRequest("function tool without a named function")
     if any(function.get(f, 0) is None for f in _OPTIONAL_FUNCTION_FIELDS):
         function = {
-            k: v
-            for k, v in function.items()
-            if not (v is None and k in _OPTIONAL_FUNCTION_FIELDS)
+            k: v for k, v in function.items() if not (v is None and k in _OPTIONAL_FUNCTION_FIELDS)
         }
-    value = dict(tool)
-    value["function"] = function
-    return function["name"], value
+        return function["name"], {**tool, "function": function}
+    return function["name"], tool
 
 
 def _build(tools: list[Any]) -> ToolsInfo:
     schemas = []
+    as_stored = True
     for tool in tools:
         name, value = _normalized_tool(tool)
+        as_stored = as_stored and value is tool
         canonical = jcs(value)
         schemas.append(
             ToolSchema(
@@ -85,17 +89,25 @@ def _build(tools: list[Any]) -> ToolsInfo:
         )
     joined = "|".join(s.canonical for s in schemas)
     fingerprint = sha256_hex(joined) if joined else "tools-unavailable"
-    return ToolsInfo(schemas=tuple(schemas), fingerprint=fingerprint)
+    stored = "[" + ",".join(s.canonical for s in schemas) + "]" if as_stored else jcs(tools)
+    return ToolsInfo(schemas=tuple(schemas), fingerprint=fingerprint, stored_canonical=stored)
 
 
-_cache: dict[str, ToolsInfo] = {}
+_cache: dict[bytes | str, ToolsInfo] = {}
+
+
+def _cache_key(tools: list[Any]) -> bytes | str:
+    try:
+        return marshal.dumps(tools)
+    except ValueError:  # not plain JSON types (a dict subclass...): JSON text instead
+        return json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
 
 
 def tools_info(tools: Any) -> ToolsInfo:
     """Canonical data for a `tools` list (cached by content)."""
     if not isinstance(tools, list):
         raise UnsupportedRequest("tools is not a list")
-    key = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    key = _cache_key(tools)
     info = _cache.get(key)
     if info is None:
         info = _build(tools)

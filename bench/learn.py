@@ -1,0 +1,90 @@
+"""Learning throughput, and proof that per-run cost does not grow with history.
+
+Measures, in one process on capture-shaped runs (bench/workload.py):
+  1. engine only: `fold` one run at a time (the runtime's own granularity)
+     and in batches of 100, learned runs/s;
+  2. the per-run cost of learning one more run after 100 and after N prior
+     runs of one agent, through the real store (Redis) and commit path; the
+     ratio must stay within 1.2x because learning never reads history.
+Usage: python -m bench.learn [--redis-url URL] [--history N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+
+import redis
+
+from bench.workload import synthetic_runs
+from storage.models import RunRecord, parse_wire
+from storage.store import Store
+from tasks.learning import ingest, learn_agent
+from worker.engine.fold import AgentState, EngineConfig, fold
+
+
+def _records(n: int, seed: int) -> list[RunRecord]:
+    return [parse_wire(RunRecord, r) for r in synthetic_runs(n, seed=seed)]
+
+
+def engine_throughput(n: int, batch: int) -> float:
+    runs = _records(n, seed=1)
+    state = AgentState("bench-agent")
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        fold(state, runs[i : i + batch])
+    return n / (time.perf_counter() - start)
+
+
+def per_run_cost(store: Store, agent: str, probes: list[dict], config: EngineConfig) -> float:
+    """Median seconds to ingest + learn one run (one run per commit, as the runtime does)."""
+    times = []
+    for run in probes:
+        t0 = time.perf_counter()
+        ingest(store, [run], 8 << 20)
+        learn_agent(store, agent, max_runs=1, config=config)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--history", type=int, default=100_000)
+    ap.add_argument("--probes", type=int, default=300)
+    args = ap.parse_args()
+
+    single = engine_throughput(2000, 1)
+    batched = engine_throughput(2000, 100)
+    print(f"engine, 1 run per fold:   {single:8.0f} runs/s")
+    print(f"engine, 100 runs per fold: {batched:8.0f} runs/s")
+
+    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    store = Store(client, prefix)
+    config = EngineConfig()
+    agent = "bench-agent"
+    try:
+        history = list(synthetic_runs(args.history + 2 * args.probes, agent_id=agent, seed=2))
+        ingest(store, history[:100], 8 << 20)
+        learn_agent(store, agent, max_runs=500, config=config)
+        early = per_run_cost(store, agent, history[100 : 100 + args.probes], config)
+        t0 = time.perf_counter()
+        rest = history[100 + args.probes : args.history + args.probes]
+        for i in range(0, len(rest), 1000):
+            ingest(store, rest[i : i + 1000], 8 << 20)
+            learn_agent(store, agent, max_runs=500, config=config)
+        bulk = len(rest) / (time.perf_counter() - t0)
+        late = per_run_cost(store, agent, history[args.history + args.probes :], config)
+        print(f"store+learn, batches of 500: {bulk:8.0f} runs/s (ingest included)")
+        print(f"one run after 100 prior runs:     {early * 1e3:7.3f} ms")
+        print(f"one run after {args.history} prior runs: {late * 1e3:7.3f} ms")
+        print(f"ratio late/early: {late / early:.3f} (target <= 1.2)")
+    finally:
+        store.delete_prefix()
+
+
+if __name__ == "__main__":
+    main()
