@@ -14,12 +14,12 @@ on a real server and on fakeredis (the scripts run on both).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+import orjson
 import redis
 
 from storage.keys import Keys
@@ -42,8 +42,16 @@ def _script(name: str) -> str:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON like serde_json writes (floats differ only in layout, see SPEC 3)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON like serde_json writes (floats differ only in layout, see SPEC 3).
+
+    orjson: the learned state is large (observation windows hold up to 100
+    full prompts) and stdlib json was the largest cost of a learn step.
+    """
+    return orjson.dumps(value).decode()
+
+
+def loads(raw: str | bytes) -> Any:
+    return orjson.loads(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,4 +296,4 @@ class Store:
 
 
 def loads_or_none(raw: str | None) -> Any:
-    return None if raw is None else json.loads(raw)
+    return None if raw is None else orjson.loads(raw)

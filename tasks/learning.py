@@ -160,8 +160,7 @@ def learn_step(
         accumulators=loads_or_none(batch.state[k.accumulators(agent)]),
         plan=loads_or_none(batch.state[k.plan(agent)]),
         windows={
-            key: loads_or_none(window_raw[k.acg_observations(key)]) or []
-            for key in learning_keys
+            key: loads_or_none(window_raw[k.acg_observations(key)]) or [] for key in learning_keys
         },
     )
     changes = fold(state, runs, config=config, **({"clock": clock} if clock else {}))

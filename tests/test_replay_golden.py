@@ -106,7 +106,5 @@ def test_batching_does_not_change_the_result(
             clock=lambda: "2026-01-01T00:00:00.000000000+00:00",
         )
         assert summary.learned == 4 and summary.commits == 4 // size
-        results.append(
-            {k: _without_volatile(k, v) for k, v in _dump(real_redis, prefix).items()}
-        )
+        results.append({k: _without_volatile(k, v) for k, v in _dump(real_redis, prefix).items()})
     assert results[0] == results[1] == results[2]

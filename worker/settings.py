@@ -8,14 +8,18 @@ whole truth. Invalid values fail at start with the variable's name.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ADAPTIVE_"
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class SettingsError(ValueError):
@@ -58,6 +62,106 @@ class Settings(BaseSettings):
     retention_max_age_s: PositiveInt | None = Field(
         default=None, description="Drop runs older than this many seconds (unset: keep all)."
     )
+
+    learn_pending_ttl_s: PositiveInt = Field(
+        default=120,
+        description="Expiry of the one-pending-learn-per-agent marker (bounds a lost learn).",
+    )
+    learn_time_budget_s: PositiveInt = Field(
+        default=60,
+        description="A learn task stops after this and re-queues the rest (< task time limit).",
+    )
+
+    # ---- broker and worker delivery (worker/celery.py)
+    broker_visibility_timeout_s: PositiveInt = Field(
+        default=600,
+        description="Redis broker: a message unacked this long is delivered again (> task limit).",
+    )
+    broker_restore_interval_s: PositiveInt = Field(
+        default=10,
+        description="Redis broker: seconds between checks for messages past their timeout.",
+    )
+    broker_restore_throttle: PositiveInt = Field(
+        default=6,
+        description="Redis broker: scan unacked messages every Nth check (period: interval x N).",
+    )
+    broker_connect_timeout_s: PositiveFloat = Field(
+        default=5.0, description="Workers: broker connect timeout."
+    )
+    broker_socket_timeout_s: PositiveFloat = Field(
+        default=30.0,
+        description="Workers: Redis socket timeout, so a half-open connection fails, not hangs.",
+    )
+    task_time_limit_s: PositiveInt = Field(
+        default=300,
+        description="Hard task time limit; at most half the visibility timeout (soft limit: 90%).",
+    )
+    worker_prefetch_multiplier: PositiveInt = Field(
+        default=1, description="Messages reserved per worker process (1: no hoarding)."
+    )
+    worker_soft_shutdown_s: NonNegativeFloat = Field(
+        default=10.0,
+        description="On shutdown, running tasks get this long before they are requeued.",
+    )
+
+    # ---- the agent-side client (tasks/client.py)
+    client_buffer_max_runs: PositiveInt = Field(
+        default=10_000, description="Client: runs held in memory waiting for the publisher."
+    )
+    client_buffer_max_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024, description="Client: bytes held in memory waiting to publish."
+    )
+    client_batch_max_runs: PositiveInt = Field(
+        default=100, description="Client: most runs in one ingest message."
+    )
+    client_batch_max_bytes: PositiveInt = Field(
+        default=1024 * 1024,
+        description="Client: most bytes of runs in one ingest message (a larger run goes alone).",
+    )
+    client_linger_ms: NonNegativeFloat = Field(
+        default=5.0, description="Client: the publisher waits this long after a wake-up to batch."
+    )
+    client_overflow: Literal["drop_oldest", "drop_newest"] = Field(
+        default="drop_oldest",
+        description="Client: what a full buffer or spool drops (always counted and logged).",
+    )
+    client_spool_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Client: spool directory of runs the broker did not take"
+            " (unset: ~/.cache/adaptive-worker/spool)."
+        ),
+    )
+    client_spool_max_bytes: PositiveInt = Field(
+        default=256 * 1024 * 1024, description="Client: most bytes of runs in one process's spool."
+    )
+    client_spool_fsync: bool = Field(
+        default=True, description="Client: fsync each spool write (survives power loss too)."
+    )
+    client_retry_interval_s: PositiveFloat = Field(
+        default=5.0, description="Client: after a failed publish, wait this long before retrying."
+    )
+    client_connect_timeout_s: PositiveFloat = Field(
+        default=1.0, description="Client: broker connect/socket timeout of the publisher."
+    )
+    client_publish_retries: NonNegativeInt = Field(
+        default=1, description="Client: publish retries before the batch goes to the spool."
+    )
+    client_exit_timeout_s: NonNegativeFloat = Field(
+        default=2.0, description="Client: at exit, wait this long to publish, then spool the rest."
+    )
+
+    @field_validator("task_time_limit_s")
+    @classmethod
+    def _limit_below_visibility(cls, value: int, info: ValidationInfo) -> int:
+        # A task still running when the visibility timeout passes is delivered
+        # again while it runs (celery#5935), so the limit must stay well below.
+        visibility = info.data.get("broker_visibility_timeout_s")
+        if visibility is not None and value * 2 > visibility:
+            raise ValueError(
+                f"must be at most half of {ENV_PREFIX}BROKER_VISIBILITY_TIMEOUT_S ({visibility})"
+            )
+        return value
 
     @field_validator("redis_url", "broker_url")
     @classmethod

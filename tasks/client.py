@@ -1,0 +1,1190 @@
+"""The client agents call: hand a finished run to the workers, fire-and-forget.
+
+Why it looks like this:
+
+- A plain Celery `apply_async` costs the caller ~0.6 ms p50 and raises after
+  ~0.7 s when the broker is down. An agent must not pay that, so
+  `submit_run` only serializes the run (no validation: the worker validates
+  and dead-letters) and appends it to a bounded in-memory buffer; a daemon
+  publisher thread sends the buffer to the broker, several runs per
+  `adaptive.ingest_runs` message when a backlog forms.
+- The agent never sees an exception unless it asks for `strict=True`;
+  everything that goes wrong is counted in `stats()` and logged.
+- Nothing is lost to a broker outage or to the process exiting: what the
+  broker did not take goes to a bounded spool on local disk and is replayed
+  when the broker answers again. A spool left behind by a process that died
+  or exited during an outage is adopted and replayed by the next client
+  using the same spool directory.
+- Delivery is at-least-once (a batch whose publish timed out may have
+  arrived, a spool segment may be replayed twice after a crash); ingest on
+  the worker is idempotent per run id, so duplicates cost nothing.
+
+Order: runs reach the broker in submission order per client; while the
+spool holds anything, new runs go behind it instead of overtaking it.
+
+Spool layout: `<spool_dir>/<host>-<pid>-<random>/` per client, holding
+`owner.lock` (flock'ed while the owner lives: a directory whose lock can be
+taken belongs to a dead process and may be adopted) and segment files
+`NNNNNNNNNNNN.jsonl`, one JSON object per line: `{"agent_id": ..., "run":
+<the submitted JSON text, as a string>}`. Directories are 0700 and files
+0600 because runs carry prompts.
+
+fsync policy (`client_spool_fsync`, default on): every spool write (one
+batch of runs) is fsync'ed, and so is the directory when a segment is
+created, so a spooled run survives power loss, not only a crash. Off, writes
+reach the OS page cache at once (surviving a process crash) and disk later.
+
+Full buffer or spool (`client_overflow`): `drop_oldest` (default: the newest
+runs best reflect the agent as it is now) discards the oldest runs to make
+room; `drop_newest` refuses the incoming ones. Either way every dropped run
+is counted in `stats()["dropped"]` and logged (at most once a minute).
+The spool holds at most `client_spool_max_bytes` of live runs; its disk use
+can exceed that by one partly replayed segment (1/8 of the limit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures.thread  # noqa: F401  (see _warm_up)
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeAlias
+
+import orjson
+from celery import Celery
+
+from storage.errors import InvalidRecord
+from storage.models import RunRecord, parse_wire
+from worker.celery import (
+    AMQP_SCHEMES,
+    INGEST_QUEUE,
+    INGEST_TASK,
+    REDIS_SCHEMES,
+    broker_scheme,
+    configure,
+)
+from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BufferFull",
+    "ClientClosed",
+    "ClientError",
+    "RunClient",
+    "default_client",
+    "flush",
+    "stats",
+    "submit_run",
+    "submit_runs",
+]
+
+
+class SupportsToJson(Protocol):
+    def to_json(self) -> str: ...
+
+
+RunInput: TypeAlias = Mapping[str, Any] | str | bytes | bytearray | SupportsToJson
+Overflow: TypeAlias = Literal["drop_oldest", "drop_newest"]
+# (JSON text of the run, its agent id when known cheaply, len of the text)
+Record: TypeAlias = tuple[str, str | None, int]
+
+
+class ClientError(RuntimeError):
+    """Raised on the agent thread only in strict mode."""
+
+
+class BufferFull(ClientError):
+    """Strict mode: the in-memory buffer cannot take the run."""
+
+
+class ClientClosed(ClientError):
+    """Strict mode: the client was closed (at exit), runs are no longer accepted."""
+
+
+# Compact, and refusing NaN/Infinity, which are not JSON and the worker rejects.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_AGENT_RE = re.compile(r'"agent_id"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+_ORPHAN_SCAN_S = 60.0
+_DROP_LOG_S = 60.0
+_REPLAY_BATCHES_PER_CYCLE = 16
+
+
+def _invalid(message: str) -> InvalidRecord:
+    return InvalidRecord("RunRecord", [("", message)])
+
+
+def _encode(run: RunInput) -> tuple[str, str | None]:
+    """JSON text and agent id of one run: the whole agent-side cost, kept minimal."""
+    cls = type(run)
+    if cls is str:
+        return run, None  # type: ignore[return-value]
+    if cls is dict:
+        try:
+            # orjson: ~5x cheaper than json on a 10 KB run, and this is the
+            # whole cost the agent thread pays (NaN becomes null, as JSON has none).
+            text = orjson.dumps(run).decode()
+        except (TypeError, ValueError, RecursionError, orjson.JSONEncodeError):
+            try:
+                text = _ENCODER.encode(run)  # slower, but names what is wrong
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise _invalid(f"not JSON serializable: {exc}") from None
+        agent = run.get("agent_id")  # type: ignore[union-attr]
+        return text, agent if type(agent) is str else None
+    if isinstance(run, str):
+        return str(run), None
+    if isinstance(run, bytes | bytearray):
+        try:
+            return bytes(run).decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            raise _invalid(f"not UTF-8: {exc}") from None
+    to_json = getattr(run, "to_json", None) or getattr(run, "model_dump_json", None)
+    if to_json is not None:
+        text = to_json()
+        if not isinstance(text, str):
+            raise _invalid(f"to_json() returned {type(text).__name__}, not str")
+        agent = getattr(run, "agent_id", None)
+        return text, agent if isinstance(agent, str) else None
+    if isinstance(run, Mapping):
+        return _encode(dict(run))
+    raise _invalid(f"expected a dict, JSON text or a model with to_json(), got {cls.__name__}")
+
+
+def _utf8_len_over(text: str, limit: int) -> bool:
+    """Whether `text` is over `limit` bytes of UTF-8, encoding only when in doubt."""
+    n = len(text)
+    if n > limit:
+        return True
+    if n * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def _agent_of(record: Record) -> str | None:
+    text, agent, _ = record
+    if agent is not None:
+        return agent
+    match = _AGENT_RE.search(text, 0, 4096)
+    return match.group(1) if match else None
+
+
+def _argsrepr(records: Sequence[Record]) -> str:
+    """What Flower shows instead of megabytes of prompts: count, size, agents."""
+    agents = list(dict.fromkeys(a for a in map(_agent_of, records) if a is not None))
+    size = sum(r[2] for r in records)
+    shown = ", ".join(agents[:5]) + (f" +{len(agents) - 5} more" if len(agents) > 5 else "")
+    text = f"<{len(records)} runs, {size} bytes, agents: {shown or '?'}>"
+    return text if len(text) <= 300 else text[:296] + "...>"
+
+
+# --------------------------------------------------------------------- spool
+
+_LOCK_NAME = "owner.lock"
+_SEGMENT_GLOB = "*.jsonl"
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    runs: int
+    size: int
+    offset: int = 0  # bytes replayed or dropped from the front (in memory)
+    done: int = 0  # runs replayed or dropped from the front
+
+    @property
+    def live_runs(self) -> int:
+        return self.runs - self.done
+
+    @property
+    def live_bytes(self) -> int:
+        return self.size - self.offset
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Runs read from the head of a spool, to be consumed once published."""
+
+    segment: _Segment
+    records: list[Record]
+    lines: int
+    end: int
+    corrupt: int = 0
+
+
+@dataclass
+class Spool:
+    """One owner's spool directory; only the publisher thread (or close) touches it."""
+
+    path: Path
+    lock_fd: int
+    max_bytes: int
+    fsync: bool
+    segments: deque[_Segment] = field(default_factory=deque)
+    writable: bool = True
+    _writer: Any = None
+    _seq: int = 0
+    closed: bool = False
+
+    @property
+    def segment_bytes(self) -> int:
+        return max(64 * 1024, self.max_bytes // 8)
+
+    @property
+    def live_runs(self) -> int:
+        return sum(s.live_runs for s in self.segments)
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(s.live_bytes for s in self.segments)
+
+    # ---- creation and adoption
+
+    @classmethod
+    def create(cls, root: Path, max_bytes: int, fsync: bool) -> Spool:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+        path = root / f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        path.mkdir(mode=0o700)
+        fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fsync:
+            _fsync_dir(path)
+            _fsync_dir(root)
+        return cls(path, fd, max_bytes, fsync)
+
+    @classmethod
+    def adopt(cls, path: Path, max_bytes: int, fsync: bool) -> Spool | None:
+        """Take over the spool of a dead owner, or None if its owner lives (or it vanished)."""
+        lock_path = path / _LOCK_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Another adopter may have emptied and unlinked it meanwhile.
+            if os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(lock_path)
+        except OSError:
+            os.close(fd)
+            return None
+        spool = cls(path, fd, max_bytes, fsync, writable=False)
+        for seg_path in sorted(path.glob(_SEGMENT_GLOB)):
+            data = seg_path.read_bytes()
+            runs = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+            spool.segments.append(_Segment(seg_path, runs, len(data)))
+        return spool
+
+    # ---- writing
+
+    def append(self, records: Sequence[Record], overflow: Overflow) -> tuple[int, int]:
+        """Write runs behind the others; returns (written, dropped) run counts."""
+        lines = [_spool_line(r) for r in records]
+        dropped = 0
+        new = sum(map(len, lines))
+        live = self.live_bytes
+        if live + new > self.max_bytes and overflow == "drop_newest":
+            room, keep = self.max_bytes - live, 0
+            while keep < len(lines) and len(lines[keep]) <= room:
+                room -= len(lines[keep])
+                keep += 1
+            dropped, lines = len(lines) - keep, lines[:keep]
+        elif live + new > self.max_bytes:
+            while lines and new > self.max_bytes:
+                new -= len(lines[0])
+                lines.pop(0)
+                dropped += 1
+        if lines:
+            # Raises OSError with nothing written (and nothing dropped yet).
+            self._write(b"".join(lines), len(lines))
+        if overflow == "drop_oldest" and self.live_bytes > self.max_bytes:
+            # Only after the write succeeded: a failed write must not cost
+            # the spooled runs too.
+            try:
+                dropped += self._drop_head(self.live_bytes - self.max_bytes)
+            except OSError as exc:  # retried by the next append
+                log.error("cannot trim the spool %s: %s", self.path, exc)
+        return len(lines), dropped
+
+    def _write(self, data: bytes, runs: int) -> None:
+        active = self.segments[-1] if self.segments and self._writer is not None else None
+        if active is None or active.size >= self.segment_bytes:
+            active = self._new_segment()
+        writer = self._writer
+        start = active.size
+        try:
+            writer.write(data)
+            writer.flush()
+            if self.fsync:
+                os.fsync(writer.fileno())
+        except OSError:
+            # Keep the file made of whole lines: cut the partial write off.
+            with contextlib.suppress(OSError):
+                writer.truncate(start)
+                writer.seek(start)
+            raise
+        active.size += len(data)
+        active.runs += runs
+
+    def _new_segment(self) -> _Segment:
+        if self._writer is not None:
+            self._writer.close()
+        self._seq += 1
+        path = self.path / f"{self._seq:012d}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._writer = os.fdopen(fd, "ab")
+        if self.fsync:
+            _fsync_dir(self.path)
+        segment = _Segment(path, 0, 0)
+        self.segments.append(segment)
+        return segment
+
+    def _drop_head(self, need: int) -> int:
+        """Discard the oldest runs until `need` bytes are free; returns how many runs."""
+        dropped = 0
+        while need > 0 and self.segments:
+            head = self.segments[0]
+            if head.live_bytes <= need:
+                need -= head.live_bytes
+                dropped += head.live_runs
+                self._remove_head()
+                continue
+            with open(head.path, "rb") as f:
+                f.seek(head.offset)
+                while need > 0:
+                    line = f.readline()
+                    if not line:  # shorter than we wrote: truncated behind our back
+                        need -= head.live_bytes
+                        dropped += head.live_runs
+                        self._remove_head()
+                        break
+                    need -= len(line)
+                    head.offset += len(line)
+                    head.done += 1
+                    dropped += 1
+        return dropped
+
+    # ---- reading (replay)
+
+    def read(self, max_runs: int, max_bytes: int) -> _Chunk | None:
+        """The next runs from the head (one segment at most), without consuming them."""
+        while self.segments and self.segments[0].live_bytes <= 0:
+            self._remove_head()
+        if not self.segments:
+            return None
+        head = self.segments[0]
+        records: list[Record] = []
+        lines = corrupt = size = 0
+        end = head.offset
+        with open(head.path, "rb") as f:
+            f.seek(head.offset)
+            while len(records) < max_runs and end < head.size:
+                line = f.readline(head.size - end)
+                if not line:
+                    break
+                if records and size + len(line) > max_bytes:
+                    break
+                end += len(line)
+                lines += 1
+                try:
+                    obj = json.loads(line)
+                    text = obj["run"]
+                    agent = obj.get("agent_id")
+                    if not isinstance(text, str):
+                        raise TypeError("run is not a string")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    corrupt += 1
+                    continue
+                size += len(line)
+                records.append((text, agent if isinstance(agent, str) else None, len(text)))
+        if lines == 0:
+            # Nothing readable where runs should be (truncated behind our
+            # back): count them as corrupt and move on rather than spin.
+            return _Chunk(head, [], head.live_runs, head.size, head.live_runs)
+        return _Chunk(head, records, lines, end, corrupt)
+
+    def consume(self, chunk: _Chunk) -> None:
+        segment = chunk.segment
+        if self.closed or not self.segments or self.segments[0] is not segment:
+            return
+        segment.offset = chunk.end
+        segment.done += chunk.lines
+        if segment.live_bytes <= 0:
+            self._remove_head()
+
+    def discard_head(self) -> int:
+        """Forget the head segment (its file is gone); returns its live runs."""
+        if not self.segments:
+            return 0
+        lost = self.segments[0].live_runs
+        self._remove_head()
+        return lost
+
+    def _remove_head(self) -> None:
+        head = self.segments.popleft()
+        if not self.segments and self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        with contextlib.suppress(FileNotFoundError):
+            head.path.unlink()
+
+    # ---- closing
+
+    def close(self) -> None:
+        """Release the lock; remove the directory when empty, else leave it for adoption."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        try:
+            if self.live_runs == 0:
+                for segment in self.segments:
+                    with contextlib.suppress(FileNotFoundError):
+                        segment.path.unlink()
+                self.segments.clear()
+                for stray in self.path.glob("*.tmp"):  # a trim cut short by a crash
+                    with contextlib.suppress(FileNotFoundError):
+                        stray.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / _LOCK_NAME).unlink()
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            else:
+                self._trim_head()
+        finally:
+            os.close(self.lock_fd)
+
+    def _trim_head(self) -> None:
+        """Rewrite a partly replayed/dropped head segment so an adopter skips that part."""
+        head = self.segments[0] if self.segments else None
+        if head is None or head.offset == 0:
+            return
+        tmp = head.path.with_suffix(".tmp")
+        with open(head.path, "rb") as src, open(tmp, "wb") as dst:
+            os.fchmod(dst.fileno(), 0o600)
+            src.seek(head.offset)
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            if self.fsync:
+                os.fsync(dst.fileno())
+        os.replace(tmp, head.path)
+        head.size -= head.offset
+        head.runs -= head.done
+        head.offset = head.done = 0
+
+    def forget(self) -> None:
+        """After fork, in the child: the parent still owns this spool."""
+        self.closed = True
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.close()
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
+
+
+def _spool_line(record: Record) -> bytes:
+    text, agent, _ = record
+    return (json.dumps({"agent_id": agent, "run": text}, separators=(",", ":")) + "\n").encode()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def default_spool_dir() -> Path:
+    return Path.home() / ".cache" / "adaptive-worker" / "spool"
+
+
+# -------------------------------------------------------------------- client
+
+
+class RunClient:
+    """Fire-and-forget submission of run records to the ingest queue.
+
+    One instance per process is the norm (see `default_client()`); it is safe
+    to call from any number of threads. `settings` defaults to the process
+    settings; `strict=True` makes invalid input, a full buffer and a closed
+    client raise on the caller's thread instead of being counted; `queue`
+    overrides the ingest queue (tests use private queues on shared brokers).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        strict: bool = False,
+        queue: str = INGEST_QUEUE,
+    ) -> None:
+        self.settings = settings = settings or get_settings()
+        self.strict = strict
+        self.queue = queue
+        self._max_runs = settings.client_buffer_max_runs
+        self._max_bytes = settings.client_buffer_max_bytes
+        self._max_run_bytes = settings.max_run_bytes
+        self._overflow: Overflow = settings.client_overflow
+        self._spool_root = settings.client_spool_dir or default_spool_dir()
+        self._retry_policy = {
+            "max_retries": settings.client_publish_retries,
+            "interval_start": 0,
+            "interval_step": 0.1,
+            "interval_max": 0.2,
+        }
+        self._init_state()
+        _ALL.add(self)
+
+    def _init_state(self) -> None:
+        """Everything a forked child must not share with its parent."""
+        self._lock = threading.Lock()
+        self._buffer: deque[Record] = deque()
+        self._buffer_bytes = 0
+        self._wake = threading.Event()
+        self._cond = threading.Condition(threading.Lock())
+        self._spool_lock = threading.RLock()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._closed = False
+        self._stopping = False
+        self._sealed = False
+        self._app: Celery | None = None
+        self._spool: Spool | None = None
+        self._adopted: list[Spool] = []
+        self._inflight: list[Record] = []
+        self._flush_requested = 0
+        self._flush_done = 0
+        self._flush_ok = True
+        self._retry_at = 0.0
+        self._next_scan = 0.0
+        self._broker_up: bool | None = None
+        self._last_error: str | None = None
+        self._last_drop_log = 0.0
+        # counters (agent side, under _lock)
+        self._submitted = 0
+        self._invalid = 0
+        self._dropped_buffer = 0
+        self._refused = 0
+        # counters (publisher side)
+        self._published = 0
+        self._messages = 0
+        self._spooled = 0
+        self._replayed = 0
+        self._dropped_spool = 0
+        self._corrupt = 0
+        self._errors = 0
+
+    # ------------------------------------------------------------ agent side
+
+    def submit_run(self, run: RunInput) -> None:
+        """Queue one run for the workers; returns at once and never raises unless strict."""
+        try:
+            text, agent = _encode(run)
+            if self.strict:
+                self._validate(text)
+            elif _utf8_len_over(text, self._max_run_bytes):
+                raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
+        except Exception as exc:  # e.g. a model's to_json() failing
+            self._refuse(exc)
+            return
+        record = (text, agent, len(text))
+        with self._lock:
+            if self._closed:
+                self._refuse_closed(1)
+                return
+            full = len(self._buffer) >= self._max_runs or (
+                self._buffer_bytes + record[2] > self._max_bytes
+            )
+            if full and not self._make_room(1, record[2]):
+                return
+            self._buffer.append(record)
+            self._buffer_bytes += record[2]
+            self._submitted += 1
+        if not self._started:
+            self.start()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def submit_runs(self, runs: Iterable[RunInput]) -> None:
+        """`submit_run` for several runs, with one lock and one wake-up."""
+        records: list[Record] = []
+        for run in runs:
+            try:
+                text, agent = _encode(run)
+                if self.strict:
+                    self._validate(text)
+                elif _utf8_len_over(text, self._max_run_bytes):
+                    raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
+            except Exception as exc:
+                self._refuse(exc)  # strict: raises before anything is queued
+                continue
+            records.append((text, agent, len(text)))
+        if not records:
+            return
+        size = sum(r[2] for r in records)
+        with self._lock:
+            if self._closed:
+                self._refuse_closed(len(records))
+                return
+            if self.strict and (
+                len(self._buffer) + len(records) > self._max_runs
+                or self._buffer_bytes + size > self._max_bytes
+            ):
+                self._refused += len(records)
+                raise BufferFull(f"buffer full: {len(self._buffer)} runs queued")
+            for record in records:
+                full = len(self._buffer) >= self._max_runs or (
+                    self._buffer_bytes + record[2] > self._max_bytes
+                )
+                if full and not self._make_room(1, record[2]):
+                    continue
+                self._buffer.append(record)
+                self._buffer_bytes += record[2]
+                self._submitted += 1
+        if not self._started:
+            self.start()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _validate(self, text: str) -> None:
+        if _utf8_len_over(text, self._max_run_bytes):
+            raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
+        parse_wire(RunRecord, text)
+
+    def _refuse(self, exc: Exception) -> None:
+        if not isinstance(exc, InvalidRecord):
+            exc = _invalid(f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self._invalid += 1
+        if self.strict:
+            raise exc
+        self._log_drop("refused an invalid run: %s", exc)
+
+    def _refuse_closed(self, n: int) -> None:
+        """Called under _lock."""
+        if self.strict:
+            self._refused += n
+            raise ClientClosed("the client is closed")
+        self._submitted += n
+        self._dropped_buffer += n
+
+    def _make_room(self, runs: int, size: int) -> bool:
+        """Called under _lock when one run does not fit; applies the overflow policy."""
+        if self.strict:
+            self._refused += runs
+            raise BufferFull(f"buffer full: {len(self._buffer)} runs queued")
+        if self._overflow == "drop_newest" or size > self._max_bytes:
+            self._submitted += runs
+            self._dropped_buffer += runs
+            self._log_drop_locked()
+            return False
+        while self._buffer and (
+            len(self._buffer) + runs > self._max_runs or self._buffer_bytes + size > self._max_bytes
+        ):
+            old = self._buffer.popleft()
+            self._buffer_bytes -= old[2]
+            self._dropped_buffer += 1
+        self._log_drop_locked()
+        return True
+
+    def _log_drop_locked(self) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_S:
+            self._last_drop_log = now
+            log.warning(
+                "run buffer full (%d runs, %d bytes): policy %s, %d runs dropped so far",
+                len(self._buffer),
+                self._buffer_bytes,
+                self._overflow,
+                self._dropped_buffer,
+            )
+
+    def _log_drop(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_S:
+            self._last_drop_log = now
+            log.warning(msg, *args)
+
+    # ------------------------------------------------------------- control
+
+    def start(self) -> None:
+        """Start the publisher (done by the first submit; early start replays orphans sooner)."""
+        with self._start_lock:
+            if self._started:
+                return
+            thread = threading.Thread(target=self._run, name="adaptive-run-publisher", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # e.g. at interpreter shutdown
+                self._errors += 1
+                self._last_error = f"cannot start the publisher: {exc}"
+                log.error("%s", self._last_error)
+                return
+            self._thread = thread
+            self._started = True
+            _LIVE.add(self)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Publish everything submitted so far, retrying the spool now.
+
+        True when every run submitted before the call has reached the broker;
+        False on timeout or when runs are still in the spool (broker
+        unreachable: they are safe on disk and will be replayed).
+        """
+        if self._closed:
+            return self._flush_ok and not self._buffer
+        self.start()
+        with self._cond:
+            self._flush_requested += 1
+            target = self._flush_requested
+        self._wake.set()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._flush_done >= target, timeout):
+                return False
+            return self._flush_ok
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, stop the publisher, and spool what it could not send; True if all was sent."""
+        if self._closed:
+            return self._flush_ok
+        timeout = self.settings.client_exit_timeout_s if timeout is None else timeout
+        ok = self.flush(timeout) if self._started else True
+        with self._lock:
+            self._closed = True
+            leftover = list(self._buffer)
+            self._buffer.clear()
+            self._buffer_bytes = 0
+            inflight = list(self._inflight)
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(0.5)
+        with self._spool_lock:
+            # The publisher may be stuck in a publish: keep its batch too (the
+            # duplicate, if it did arrive, is harmless).
+            if thread is not None and thread.is_alive():
+                leftover = inflight + leftover
+            if leftover:
+                ok = False
+                self._to_spool(leftover)
+            for spool in [self._spool, *self._adopted]:
+                if spool is not None:
+                    spool.close()
+            self._spool = None
+            self._adopted = []
+            self._sealed = True
+        _LIVE.discard(self)
+        return ok
+
+    def stats(self) -> dict[str, int | bool | str | None]:
+        """Counters since the client was made; buffer, spool and broker figures are current.
+
+        submitted: valid runs handed in (dropped ones included); published:
+        runs the broker took (replayed ones included), in `messages`
+        messages; spooled: runs written to the spool; replayed: runs sent
+        from a spool (own or adopted); dropped: submitted runs lost to a full
+        buffer or spool, a closed client or a spool write error; invalid:
+        inputs refused as invalid; refused: strict mode only, runs refused
+        with an exception (full buffer, closed client); corrupt: unreadable
+        spool lines skipped; errors: failed publishes, spool I/O errors and
+        corrupt lines. Without adopted spools, submitted = published +
+        dropped + buffered + inflight + spool_runs.
+        """
+        with self._lock:
+            buffered, buffered_bytes = len(self._buffer), self._buffer_bytes
+            submitted, invalid, refused, dropped_buffer = (
+                self._submitted,
+                self._invalid,
+                self._refused,
+                self._dropped_buffer,
+            )
+        with self._spool_lock:
+            spools = [s for s in (self._spool, *self._adopted) if s is not None and not s.closed]
+            spool_runs = sum(s.live_runs for s in spools)
+            spool_bytes = sum(s.live_bytes for s in spools)
+        return {
+            "submitted": submitted,
+            "published": self._published,
+            "messages": self._messages,
+            "spooled": self._spooled,
+            "replayed": self._replayed,
+            "dropped": dropped_buffer + self._dropped_spool,
+            "invalid": invalid,
+            "refused": refused,
+            "corrupt": self._corrupt,
+            "errors": self._errors,
+            "buffered": buffered,
+            "buffered_bytes": buffered_bytes,
+            "inflight": len(self._inflight),
+            "spool_runs": spool_runs,
+            "spool_bytes": spool_bytes,
+            "broker_up": self._broker_up,
+            "last_error": self._last_error,
+        }
+
+    # -------------------------------------------------------- publisher side
+
+    def _make_app(self) -> Celery:
+        """A private app: the publisher's short timeouts must not reach the worker's app."""
+        settings = self.settings
+        app = configure(Celery("adaptive-client", set_as_current=False), settings)
+        timeout = settings.client_connect_timeout_s
+        options = dict(app.conf.broker_transport_options)
+        scheme = broker_scheme(settings.effective_broker_url)
+        if scheme in REDIS_SCHEMES:
+            options.update(socket_connect_timeout=timeout, socket_timeout=timeout)
+        elif scheme in AMQP_SCHEMES:
+            options.update(read_timeout=timeout, write_timeout=timeout)
+        app.conf.update(
+            broker_transport_options=options,
+            broker_connection_timeout=timeout,
+            broker_pool_limit=2,
+            # Nobody services heartbeats on a publish-only connection; an
+            # idle one dropped by the server is revived by the publish retry.
+            broker_heartbeat=0,
+        )
+        return app
+
+    def _warm_up(self) -> None:
+        """Build the app and load the transport now, not in the first publish.
+
+        A first publish can happen during interpreter shutdown (a short
+        script submits and exits; atexit flushes), when no module may
+        register an atexit hook: redis-py's lazy import of `redis.cluster`
+        pulls in `concurrent.futures.thread`, which does, and the publish
+        would fail. That module is imported above for the same reason.
+        """
+        try:
+            if self._app is None:
+                self._app = self._make_app()
+            with self._app.connection_for_write() as conn:
+                _ = conn.transport  # imports the transport module and its client
+            if broker_scheme(self.settings.effective_broker_url) in REDIS_SCHEMES:
+                import redis.cluster  # noqa: F401
+        except Exception as exc:  # a bad URL shows up again, counted, on publish
+            log.debug("run publisher warm-up failed: %s", exc)
+
+    def _run(self) -> None:
+        linger = self.settings.client_linger_ms / 1000.0
+        self._warm_up()
+        while not self._stopping:
+            self._wake.wait(self._wait_time())
+            if self._stopping:
+                break
+            if linger and self._flush_requested <= self._flush_done:
+                time.sleep(linger)  # let a burst gather into one message
+            # Clear first, then look: a submit or flush after this point sets
+            # the event again, one before it is served by this cycle.
+            self._wake.clear()
+            with self._cond:
+                requested = self._flush_requested
+            forced = requested > self._flush_done
+            try:
+                ok = self._cycle(forced)
+            except Exception as exc:  # the thread must survive anything
+                self._errors += 1
+                self._last_error = repr(exc)
+                log.exception("run publisher cycle failed")
+                ok = False
+            if forced:
+                with self._cond:
+                    self._flush_done = requested
+                    self._flush_ok = ok
+                    self._cond.notify_all()
+
+    def _wait_time(self) -> float | None:
+        now = time.monotonic()
+        with self._spool_lock:
+            pending = self._spool_pending()
+        if pending:
+            return max(0.0, self._retry_at - now)
+        return max(0.0, self._next_scan - now)
+
+    def _spool_pending(self) -> bool:
+        return any(s.live_bytes > 0 for s in (self._spool, *self._adopted) if s is not None)
+
+    def _cycle(self, forced: bool) -> bool:
+        """One round: send (or spool) the buffer, then replay the spool if due."""
+        with self._lock:
+            records = list(self._buffer)
+            self._buffer.clear()
+            self._buffer_bytes = 0
+            self._inflight = records
+        try:
+            if records:
+                self._deliver(records)
+        finally:
+            self._inflight = []
+        now = time.monotonic()
+        if forced or now >= self._next_scan:
+            self._next_scan = now + _ORPHAN_SCAN_S
+            self._adopt_orphans()
+        if forced or now >= self._retry_at:
+            self._replay(None if forced else _REPLAY_BATCHES_PER_CYCLE)
+        with self._spool_lock:
+            return not self._spool_pending() and self._broker_up is not False
+
+    def _deliver(self, records: list[Record]) -> None:
+        with self._spool_lock:
+            behind = self._spool_pending()
+        if behind or time.monotonic() < self._retry_at:
+            self._to_spool(records)
+            return
+        batches = list(self._batches(records))
+        for i, batch in enumerate(batches):
+            if not self._publish(batch):
+                self._to_spool([r for b in batches[i:] for r in b])
+                return
+            self._published += len(batch)
+
+    def _batches(self, records: Sequence[Record]) -> Iterable[list[Record]]:
+        max_runs = self.settings.client_batch_max_runs
+        max_bytes = self.settings.client_batch_max_bytes
+        batch: list[Record] = []
+        size = 0
+        for record in records:
+            if batch and (len(batch) >= max_runs or size + record[2] > max_bytes):
+                yield batch
+                batch, size = [], 0
+            batch.append(record)
+            size += record[2]
+        if batch:
+            yield batch
+
+    def _publish(self, batch: list[Record]) -> bool:
+        """Send one ingest message; False (broker marked down) if it did not go."""
+        if self._app is None:
+            self._app = self._make_app()
+        argsrepr = _argsrepr(batch)
+        try:
+            self._app.send_task(
+                INGEST_TASK,
+                args=[[r[0] for r in batch]],
+                queue=self.queue,
+                argsrepr=argsrepr,
+                kwargsrepr="{}",
+                retry=True,
+                retry_policy=self._retry_policy,
+                ignore_result=True,
+                add_to_parent=False,
+            )
+        except Exception as exc:
+            # Any failure keeps the runs (spool + retry): connection errors are
+            # the expected case, and dropping data on an unexpected one would
+            # be worse than retrying it.
+            self._errors += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._retry_at = time.monotonic() + self.settings.client_retry_interval_s
+            if self._broker_up is not False:
+                log.warning(
+                    "publishing runs failed (%s); spooling to %s, retrying every %.1f s",
+                    self._last_error,
+                    self._spool_root,
+                    self.settings.client_retry_interval_s,
+                )
+            self._broker_up = False
+            return False
+        if self._broker_up is False:
+            log.warning("broker reachable again; replaying the spool")
+        self._broker_up = True
+        self._retry_at = 0.0
+        self._messages += 1
+        return True
+
+    def _to_spool(self, records: list[Record]) -> None:
+        with self._spool_lock:
+            if self._sealed:
+                # A publish that outlived close(): close() spooled its batch.
+                return
+            try:
+                if self._spool is None or self._spool.closed:
+                    self._spool = Spool.create(
+                        Path(self._spool_root),
+                        self.settings.client_spool_max_bytes,
+                        self.settings.client_spool_fsync,
+                    )
+                written, dropped = self._spool.append(records, self._overflow)
+            except OSError as exc:
+                self._errors += 1
+                self._dropped_spool += len(records)
+                self._last_error = f"spool: {exc}"
+                log.error(
+                    "cannot spool %d runs to %s (%s): dropped", len(records), self._spool_root, exc
+                )
+                return
+            self._spooled += written
+            if dropped:
+                self._dropped_spool += dropped
+                self._log_drop(
+                    "spool full (%d bytes): policy %s, %d runs dropped so far",
+                    self.settings.client_spool_max_bytes,
+                    self._overflow,
+                    self._dropped_spool,
+                )
+
+    def _replay(self, max_batches: int | None) -> None:
+        """Publish spooled runs oldest first: own spool, then adopted ones."""
+        settings = self.settings
+        sent = 0
+        for spool in [self._spool, *self._adopted]:
+            while spool is not None and not self._stopping:
+                if max_batches is not None and sent >= max_batches:
+                    self._wake.set()  # more to do: come back without waiting
+                    return
+                with self._spool_lock:
+                    if spool.closed:
+                        break
+                    try:
+                        chunk = spool.read(
+                            settings.client_batch_max_runs, settings.client_batch_max_bytes
+                        )
+                    except FileNotFoundError as exc:
+                        # A segment deleted behind our back: its runs are gone.
+                        lost = spool.discard_head()
+                        self._dropped_spool += lost
+                        self._errors += 1
+                        self._last_error = f"spool: {exc}"
+                        log.error("spool segment vanished (%s): %d runs lost", exc, lost)
+                        continue
+                    except OSError as exc:
+                        self._errors += 1
+                        self._last_error = f"spool: {exc}"
+                        self._retry_at = time.monotonic() + settings.client_retry_interval_s
+                        log.error("cannot read the spool %s: %s", spool.path, exc)
+                        return
+                if chunk is None:
+                    break
+                if chunk.records and not self._publish(chunk.records):
+                    return
+                with self._spool_lock:
+                    spool.consume(chunk)
+                self._published += len(chunk.records)
+                self._replayed += len(chunk.records)
+                if chunk.corrupt:
+                    self._corrupt += chunk.corrupt
+                    self._errors += chunk.corrupt
+                    log.error("skipped %d unreadable lines in %s", chunk.corrupt, spool.path)
+                sent += 1
+        with self._spool_lock:
+            for spool in list(self._adopted):
+                if spool.live_bytes <= 0:
+                    spool.close()
+                    self._adopted.remove(spool)
+
+    def _adopt_orphans(self) -> None:
+        """Take over spools whose owner process is gone (it died or exited during an outage)."""
+        root = Path(self._spool_root)
+        try:
+            candidates = sorted(p for p in root.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot list the spool directory %s: %s", root, exc)
+            return
+        with self._spool_lock:
+            mine = {s.path for s in (self._spool, *self._adopted) if s is not None}
+            for path in candidates:
+                if path in mine:
+                    continue
+                try:
+                    spool = Spool.adopt(
+                        path, self.settings.client_spool_max_bytes, self.settings.client_spool_fsync
+                    )
+                except OSError as exc:
+                    log.warning("cannot adopt the spool %s: %s", path, exc)
+                    continue
+                if spool is None:
+                    continue
+                if spool.live_runs:
+                    log.warning("adopting %d spooled runs from %s", spool.live_runs, path)
+                    self._adopted.append(spool)
+                else:
+                    spool.close()
+
+    def _after_fork_in_child(self) -> None:
+        spools = [s for s in (self._spool, *self._adopted) if s is not None]
+        self._init_state()
+        for spool in spools:
+            spool.forget()
+
+
+# ------------------------------------------------------- process-wide hooks
+
+_LIVE: weakref.WeakSet[RunClient] = weakref.WeakSet()  # started, not closed
+_ALL: weakref.WeakSet[RunClient] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    # Every client, started or not: one whose publisher never started may
+    # still hold runs, which close() spools.
+    for client in list(_ALL):
+        try:
+            client.close()
+        except Exception:
+            log.exception("closing the run client at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    # The child has no publisher thread and must not reuse locks another
+    # thread held at fork time, nor the parent's buffer, spool or sockets.
+    _LIVE.clear()
+    for client in list(_ALL):
+        client._after_fork_in_child()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------- the default client
+
+_default: RunClient | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> RunClient:
+    """The process's client, made on first use from the process settings."""
+    global _default
+    client = _default
+    if client is None:
+        with _default_lock:
+            if _default is None:
+                _default = RunClient()
+            client = _default
+    return client
+
+
+def submit_run(run: RunInput) -> None:
+    """Hand one finished run to the workers (see `RunClient.submit_run`)."""
+    (_default or default_client()).submit_run(run)
+
+
+def submit_runs(runs: Iterable[RunInput]) -> None:
+    (_default or default_client()).submit_runs(runs)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    return (_default or default_client()).flush(timeout)
+
+
+def stats() -> dict[str, int | bool | str | None]:
+    return (_default or default_client()).stats()
