@@ -1,0 +1,152 @@
+"""Real `celery worker` processes for pipeline tests (no Docker, no eager mode).
+
+Each worker runs in its own session (`setsid`) so a test can kill the whole
+process group (main process and pool children) with SIGKILL, as a crash or an
+OOM kill would. Configuration reaches the workers only through `ADAPTIVE_`
+environment variables, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from storage.keys import OWN, RUNTIME_KINDS
+from storage.store import Store
+
+CELERY = str(Path(sys.executable).with_name("celery"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_env(prefix: str, redis_url: str, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTIVE_")}
+    env.update(
+        {
+            "ADAPTIVE_REDIS_URL": redis_url,
+            "ADAPTIVE_KEY_PREFIX": prefix,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({f"ADAPTIVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker and its pool children at once (a crash, not a shutdown)."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+
+
+@dataclass
+class Workers:
+    env: dict[str, str]
+    logdir: Path
+    started: list[Worker] = field(default_factory=list)
+
+    def start(self, name: str, concurrency: int = 2, timeout: float = 60.0) -> Worker:
+        log = self.logdir / f"{name}.log"
+        cmd = [
+            CELERY,
+            "-A",
+            "worker",
+            "worker",
+            "-Q",
+            "adaptive.ingest,adaptive.learn,adaptive.maintenance",
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
+        ]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        worker = Worker(name, proc, log)
+        self.started.append(worker)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited:\n{log.read_text()[-3000:]}")
+            if b" ready." in log.read_bytes():
+                return worker
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {name} not ready:\n{log.read_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for w in self.started:
+            w.stop()
+
+
+@contextmanager
+def celery_workers(env: dict[str, str], logdir: Path) -> Iterator[Workers]:
+    workers = Workers(env, logdir)
+    try:
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until `predicate()`; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def caught_up(store: Store, agents: list[str], expected: dict[str, int]) -> bool:
+    for agent in agents:
+        cursor = store.cursor(agent)
+        if cursor.index_length != expected[agent] or cursor.lag:
+            return False
+    return True
+
+
+def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
+    """Learned state under `prefix` (runtime kinds but runs), volatile fields blanked."""
+    out: dict[str, Any] = {}
+    for key in client.scan_iter(prefix.replace("*", r"\*") + "*"):
+        rest = key[len(prefix) :]
+        kind = rest.split(":", 1)[0]
+        if rest.startswith(OWN + ":") or kind in ("runs", "runs_index"):
+            continue
+        assert kind in RUNTIME_KINDS, key
+        value = json.loads(client.get(key))
+        if kind == "trie":
+            value["generated_at"] = None
+        elif kind == "acg_observations":
+            value = [{**o, "ir_id": None, "created_at": None} for o in value]
+        out[rest] = value
+    return out

@@ -1,0 +1,204 @@
+"""The product, end to end: agents submit, real `celery worker` processes learn.
+
+Real Redis as broker and store, real worker processes started here (their
+own sessions, so a crash test can SIGKILL a whole process group), and the
+agent-side client publishing from threads. Learning must be exactly once:
+counts equal the distinct runs, and the state equals a sequential replay of
+the same runs in index order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from bench.workload import synthetic_runs
+from storage.store import Store
+from tasks.client import RunClient
+from tests.conftest import REDIS_URL
+from tests.pipeline import caught_up, celery_workers, dump_state, wait_until, worker_env
+from worker.cli import app as cli
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+
+def _client(prefix: str, tmp_path: Path) -> RunClient:
+    settings = load_settings(
+        _env_file=None,
+        redis_url=REDIS_URL,
+        key_prefix=prefix,
+        client_spool_dir=tmp_path / "spool",
+        client_retry_interval_s=0.2,
+    )
+    return RunClient(settings)
+
+
+def _root_call1_count(store: Store, agent: str) -> int:
+    acc = json.loads(store.client.get(store.keys.accumulators(agent)))
+    return acc["nodes"][""]["remaining_calls"]["1"]["count"]
+
+
+def _replay_in_index_order(store: Store, agents: list[str], tmp_path: Path, prefix: str) -> None:
+    lines = []
+    for agent in agents:
+        lines += [raw for _, raw in store.read_runs(agent, 0, 100_000)]
+    records = tmp_path / "replay.jsonl"
+    records.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(
+        cli, ["replay", str(records), "--redis-url", REDIS_URL, "--prefix", prefix, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_exactly_once_under_concurrency_and_duplicates(
+    real_store: Store, real_redis: redis.Redis, tmp_path: Path
+) -> None:
+    prefix = real_store.keys.prefix
+    agents = ["agent-0", "agent-1", "agent-2"]
+    runs: list[dict[str, Any]] = []
+    for i, agent in enumerate(agents):
+        runs += list(synthetic_runs(667 if i < 2 else 666, agent_id=agent, seed=10 + i))
+    assert len(runs) == 2000
+    rng = random.Random(5)
+    payloads: list[Any] = runs + rng.sample(runs, 200)  # 10% submitted twice
+    malformed = [
+        {"id": "not-a-uuid", "agent_id": "agent-0", "calls": [], "started_at": "x"},
+        '{"agent_id": "agent-1", "calls": "nope"}',
+    ]
+    payloads += malformed
+    rng.shuffle(payloads)
+    expected = Counter(r["agent_id"] for r in runs)
+
+    env = worker_env(prefix, REDIS_URL, learn_batch_size=200)
+    with celery_workers(env, tmp_path) as workers:
+        workers.start("w1", concurrency=2)
+        workers.start("w2", concurrency=2)
+        client = _client(prefix, tmp_path)
+        chunks = [payloads[i::4] for i in range(4)]
+        threads = [
+            threading.Thread(target=lambda c=c: [client.submit_run(p) for p in c]) for c in chunks
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert client.flush(60)
+        client.close(5)
+        wait_until(lambda: caught_up(real_store, agents, expected), 300, "learning to catch up")
+
+    for agent in agents:
+        index = real_store.run_ids(agent)
+        assert len(index) == len(set(index)) == expected[agent]
+        assert _root_call1_count(real_store, agent) == expected[agent]
+    counters = real_store.counters()
+    assert counters["runs_learned"] == 2000
+    dead = [json.loads(d) for d in real_store.dead_letters()]
+    assert len(dead) == len(malformed)
+    assert all(d["stage"] == "ingest" and d["reason"] for d in dead)
+
+    replay_prefix = prefix.rstrip(":") + "-replay:"
+    try:
+        _replay_in_index_order(real_store, agents, tmp_path, replay_prefix)
+        assert dump_state(real_redis, prefix) == dump_state(real_redis, replay_prefix)
+    finally:
+        Store(real_redis, replay_prefix).delete_prefix()
+
+
+def test_kill_9_mid_learn_loses_and_doubles_nothing(
+    real_store: Store, real_redis: redis.Redis, tmp_path: Path
+) -> None:
+    prefix = real_store.keys.prefix
+    agent = "crash-agent"
+    runs = list(synthetic_runs(3000, agent_id=agent, seed=99))
+    env = worker_env(
+        prefix,
+        REDIS_URL,
+        learn_batch_size=50,
+        learn_time_budget_s=2,
+        task_time_limit_s=5,
+        broker_visibility_timeout_s=10,
+        broker_restore_interval_s=1,
+        broker_restore_throttle=1,
+    )
+    with celery_workers(env, tmp_path) as workers:
+        first = workers.start("w1", concurrency=2)
+        client = _client(prefix, tmp_path)
+        client.submit_runs(runs)
+        assert client.flush(60)
+        client.close(5)
+
+        def mid_learn() -> bool:
+            c = real_store.cursor(agent)
+            return 0 < c.learned < 2000 and c.lag > 0
+
+        wait_until(mid_learn, 120, "learning to start")
+        first.kill_group()
+        killed_at = time.monotonic()
+        learned_at_kill = real_store.cursor(agent).learned
+        assert learned_at_kill < 3000
+
+        workers.start("w2", concurrency=2)
+        wait_until(lambda: caught_up(real_store, [agent], {agent: 3000}), 120, "learning to resume")
+        resumed_in = time.monotonic() - killed_at
+
+    assert resumed_in < 120
+    assert real_store.cursor(agent).learned == 3000
+    assert _root_call1_count(real_store, agent) == 3000
+    assert real_store.counters()["runs_learned"] == 3000
+    assert real_store.dead_letter_count() == 0
+
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _amqp_up() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _amqp_up(), reason="no RabbitMQ answering on 127.0.0.1:5672")
+def test_rabbitmq_broker_learns_the_same(
+    real_store: Store, real_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """Broker on RabbitMQ, state on Redis: the same runs give the same counts."""
+    from kombu import Connection
+
+    from worker.celery import QUEUES
+
+    with Connection(AMQP) as conn:  # leftovers of other runs would be learned here
+        for name in QUEUES:
+            conn.SimpleQueue(name).clear()
+    prefix = real_store.keys.prefix
+    agent = "amqp-agent"
+    runs = list(synthetic_runs(120, agent_id=agent, seed=3))
+    env = worker_env(prefix, REDIS_URL, broker_url=AMQP)
+    with celery_workers(env, tmp_path) as workers:
+        workers.start("w1", concurrency=2)
+        settings = load_settings(
+            _env_file=None,
+            redis_url=REDIS_URL,
+            broker_url=AMQP,
+            key_prefix=prefix,
+            client_spool_dir=tmp_path / "spool",
+        )
+        client = RunClient(settings)
+        client.submit_runs(runs + runs[:20])
+        assert client.flush(60)
+        client.close(5)
+        wait_until(lambda: caught_up(real_store, [agent], {agent: 120}), 120, "learning")
+    assert _root_call1_count(real_store, agent) == 120
