@@ -141,6 +141,30 @@ class Store:
         (learned, base, version), length = pipe.execute()
         return Cursor(int(learned or 0), int(base or 0), int(version or 0), int(length))
 
+    def cursors(self, agent_ids: Iterable[str]) -> dict[str, Cursor]:
+        """`cursor()` of many agents in one pipelined round trip (metrics, `stats`).
+
+        Not a transaction: each agent's hash and index length are read a few
+        commands apart, so a run appended in between shows as one more run of
+        lag, never as negative lag; a monitoring view needs no more, and
+        MULTI would block the server for the whole batch.
+        """
+        agents = list(dict.fromkeys(agent_ids))
+        if not agents:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for agent in agents:
+            pipe.hmget(self.keys.cursor(agent), ["learned", "base", "version"])
+            pipe.llen(self.keys.runs_index(agent))
+        replies = pipe.execute()
+        result: dict[str, Cursor] = {}
+        for i, agent in enumerate(agents):
+            (learned, base, version), length = replies[2 * i], replies[2 * i + 1]
+            result[agent] = Cursor(
+                int(learned or 0), int(base or 0), int(version or 0), int(length)
+            )
+        return result
+
     def read_learn_batch(
         self, agent_id: str, max_runs: int, state_keys: Iterable[str] = ()
     ) -> LearnBatch:

@@ -95,6 +95,7 @@ def learn_agent(agent_id: str) -> dict[str, int]:
     settings = get_settings()
     store = _store()
     store.clear_pending(agent_id)
+    store.incr_counter("learn_tasks")
     deadline = time.monotonic() + settings.learn_time_budget_s
     try:
         summary = learning.learn_agent(

@@ -104,6 +104,18 @@ class Settings(BaseSettings):
         description="On shutdown, running tasks get this long before they are requeued.",
     )
 
+    # ---- monitoring (worker/metrics.py)
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        default=9808,
+        description=(
+            "Workers: port of the Prometheus /metrics endpoint (0 or empty: no endpoint)."
+        ),
+    )
+    metrics_bind: str = Field(
+        default="127.0.0.1",
+        description="Workers: address the metrics endpoint listens on (0.0.0.0 in a container).",
+    )
+
     # ---- the agent-side client (tasks/client.py)
     client_buffer_max_runs: PositiveInt = Field(
         default=10_000, description="Client: runs held in memory waiting for the publisher."
@@ -175,6 +187,20 @@ class Settings(BaseSettings):
                 f"unsupported URL scheme {scheme!r} (expected one of {sorted(allowed)})"
             )
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port(cls, value: object) -> object:
+        # `ADAPTIVE_METRICS_PORT=` (empty, as compose passes an unset default)
+        # means "no endpoint", like 0, rather than an int parsing error.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be an address such as 127.0.0.1 or 0.0.0.0")
+        return value.strip()
 
     @field_validator("key_prefix")
     @classmethod
