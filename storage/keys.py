@@ -84,6 +84,22 @@ class Keys:
         """Hash of monotonically increasing counters (ingested, learned, conflicts...)."""
         return f"{self.prefix}{OWN}:counters"
 
+    def tombstones(self, agent_id: str) -> str:
+        """Sorted set of run ids retention trimmed (score: when), capped.
+
+        Lets `store_runs` refuse a late duplicate of a trimmed run, which
+        would otherwise be stored and learned a second time.
+        """
+        return f"{self.prefix}{OWN}:tombstones:{agent_id}"
+
+    def staging(self, agent_id: str, n: int) -> str:
+        """Scratch key `n` of a rebuild in progress, swapped in by RENAME."""
+        return f"{self.prefix}{OWN}:staging:{n}:{agent_id}"
+
+    def learning_key_pattern(self, kind: str, agent_id: str) -> str:
+        """SCAN pattern for an agent's ACG learning keys of `kind` (`{agent}::...`)."""
+        return f"{_glob_escape(self.prefix)}{kind}:{_glob_escape(agent_id)}::*"
+
     def own_pattern(self) -> str:
         return f"{_glob_escape(self.prefix)}{OWN}:*"
 

@@ -98,6 +98,8 @@ class Store:
         self._store_runs = client.register_script(_script("store_runs.lua"))
         self._read_batch = client.register_script(_script("read_batch.lua"))
         self._commit = client.register_script(_script("commit.lua"))
+        self._trim = client.register_script(_script("trim.lua"))
+        self._swap = client.register_script(_script("swap.lua"))
 
     # ------------------------------------------------------------------ runs
     def store_runs(self, runs: Sequence[RunRecord]) -> list[bool]:
@@ -112,7 +114,9 @@ class Store:
         keys: list[str] = []
         args: list[str] = []
         for run in runs:
-            keys += [self.keys.run(run.agent_id, run.id), self.keys.runs_index(run.agent_id)]
+            agent = run.agent_id
+            keys += [self.keys.run(agent, run.id), self.keys.runs_index(agent)]
+            keys.append(self.keys.tombstones(agent))
             args += [run.to_json(), run.id]
         keys.append(self.keys.agents())
         args += [run.agent_id for run in runs]
@@ -214,6 +218,46 @@ class Store:
         ]
         version = int(self._commit(keys=keys, args=args))
         return CommitResult(version >= 0, version)
+
+    # ------------------------------------------------- retention and rebuild
+    def trim(self, agent_id: str, count: int, *, now_s: float, tombstones: int) -> int:
+        """Drop up to `count` of the oldest LEARNED runs; returns how many went."""
+        keys = [
+            self.keys.cursor(agent_id),
+            self.keys.runs_index(agent_id),
+            self.keys.tombstones(agent_id),
+        ]
+        args = [self.keys.run_key_prefix(agent_id), count, now_s, tombstones]
+        return int(self._trim(keys=keys, args=args))
+
+    def swap_state(
+        self, agent_id: str, values: Mapping[str, str], learned: int, delete: Iterable[str] = ()
+    ) -> int:
+        """Stage `values` (target key -> JSON), then swap them in with `learned` atomically.
+
+        Staging is written first (it may be large); the swap is one short
+        script of RENAMEs, so readers never see half a rebuild. Returns the
+        new state version.
+        """
+        staged = {self.keys.staging(agent_id, i): k for i, k in enumerate(values)}
+        pipe = self.client.pipeline(transaction=False)
+        for stage, target in staged.items():
+            pipe.set(stage, values[target], ex=3600)  # a crashed rebuild leaves no litter
+        pipe.execute()
+        keys = [self.keys.cursor(agent_id)]
+        for stage, target in staged.items():
+            keys += [stage, target]
+        keys += [k for k in delete if k not in values]
+        return int(self._swap(keys=keys, args=[len(staged), learned]))
+
+    def learning_keys(self, agent_id: str) -> list[str]:
+        """The agent's ACG learning keys that have observations or stability stored."""
+        found: set[str] = set()
+        for kind in ("acg_observations", "acg_stability"):
+            head = len(f"{self.keys.prefix}{kind}:")
+            pattern = self.keys.learning_key_pattern(kind, agent_id)
+            found.update(k[head:] for k in self.client.scan_iter(pattern, count=1000))
+        return sorted(found)
 
     # --------------------------------------------------------- dead letters
     def push_dead_letters(self, entries: Sequence[str]) -> None:

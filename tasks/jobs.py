@@ -18,8 +18,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from storage.connection import connect
 from storage.store import Store
-from tasks import learning
-from worker.celery import INGEST_TASK, LEARN_TASK, app
+from tasks import learning, maintenance
+from worker.celery import (
+    DISCOVER_TASK,
+    INGEST_TASK,
+    LEARN_TASK,
+    REBUILD_ALL_TASK,
+    REBUILD_TASK,
+    RETENTION_TASK,
+    app,
+)
 from worker.engine.fold import EngineConfig
 from worker.settings import Settings, get_settings
 
@@ -111,3 +119,58 @@ def learn_agent(agent_id: str) -> dict[str, int]:
     if not summary.caught_up:
         schedule_learn(store, [agent_id], settings)
     return {"learned": summary.learned, "commits": summary.commits, "conflicts": summary.conflicts}
+
+
+# ----------------------------------------------------------------- maintenance
+
+
+@app.task(name=DISCOVER_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+def discover() -> dict[str, int]:
+    """Schedule a learn for every agent with unlearned runs (including runs written
+    by NeMo Relay agents themselves), so nothing waits on a lost learn message."""
+    settings = get_settings()
+    store = _store()
+    lagging = maintenance.lagging_agents(store)
+    enqueued = schedule_learn(store, list(lagging), settings)
+    return {"lagging": len(lagging), "enqueued": len(enqueued)}
+
+
+@app.task(name=REBUILD_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+def rebuild_agent(agent_id: str) -> dict[str, int]:
+    """Recompute one agent's state from its retained runs and swap it in."""
+    settings = get_settings()
+    store = _store()
+    result = maintenance.rebuild(
+        store, agent_id, config=_config(settings), chunk=settings.learn_batch_size
+    )
+    schedule_learn(store, [agent_id], settings)  # runs that arrived meanwhile
+    return {"runs": result.runs, "version": result.version}
+
+
+@app.task(name=REBUILD_ALL_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+def rebuild_all() -> dict[str, int]:
+    """Fan out one rebuild per agent (each its own task, so one big agent blocks nothing)."""
+    agents = _store().agent_ids()
+    for agent in agents:
+        rebuild_agent.apply_async(args=[agent], argsrepr=f"<agent {agent}>")
+    return {"agents": len(agents)}
+
+
+@app.task(name=RETENTION_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+def retention() -> dict[str, int]:
+    """Apply the retention policy to every agent (only learned runs are ever dropped)."""
+    settings = get_settings()
+    if settings.retention_max_runs is None and settings.retention_max_age_s is None:
+        return {"agents": 0, "dropped": 0}
+    store = _store()
+    dropped = 0
+    agents = store.agent_ids()
+    for agent in agents:
+        dropped += maintenance.apply_retention(
+            store,
+            agent,
+            max_runs=settings.retention_max_runs,
+            max_age_s=settings.retention_max_age_s,
+            tombstones=settings.retention_tombstones,
+        )
+    return {"agents": len(agents), "dropped": dropped}

@@ -101,7 +101,8 @@ class StepResult:
     changed: tuple[tuple[str, str], ...] = ()
 
 
-def _writes(store: Store, agent: str, changes: Changes) -> dict[str, str]:
+def state_writes(store: Store, agent: str, changes: Changes) -> dict[str, str]:
+    """Redis key -> JSON for every value a fold changed."""
     k = store.keys
     writes: dict[str, str] = {}
     if changes.accumulators is not None:
@@ -169,7 +170,7 @@ def learn_step(
         agent,
         cursor.learned,
         cursor.learned + consumed,
-        _writes(store, agent, changes),
+        state_writes(store, agent, changes),
         runs_learned=len(runs),
         dead_letters=dead,
     )

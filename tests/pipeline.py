@@ -69,7 +69,9 @@ class Workers:
     logdir: Path
     started: list[Worker] = field(default_factory=list)
 
-    def start(self, name: str, concurrency: int = 2, timeout: float = 60.0) -> Worker:
+    def start(
+        self, name: str, concurrency: int = 2, timeout: float = 60.0, extra: tuple[str, ...] = ()
+    ) -> Worker:
         log = self.logdir / f"{name}.log"
         cmd = [
             CELERY,
@@ -85,6 +87,7 @@ class Workers:
             "--without-gossip",
             "--without-mingle",
             "--loglevel=INFO",
+            *extra,
         ]
         with log.open("wb") as out:
             proc = subprocess.Popen(

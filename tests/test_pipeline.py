@@ -202,3 +202,24 @@ def test_rabbitmq_broker_learns_the_same(
         client.close(5)
         wait_until(lambda: caught_up(real_store, [agent], {agent: 120}), 120, "learning")
     assert _root_call1_count(real_store, agent) == 120
+
+
+def test_beat_discover_learns_runs_the_runtime_wrote_itself(
+    real_store: Store, tmp_path: Path
+) -> None:
+    """A NeMo Relay agent with learners off only writes runs and runs_index:
+    nobody enqueues a learn, the beat's discover sweep must find them."""
+    from tests.goldens import load_capture
+
+    cap = load_capture("relay-openai")
+    env = worker_env(real_store.keys.prefix, REDIS_URL, discover_interval_s=1)
+    with celery_workers(env, tmp_path) as workers:
+        workers.start("w1", concurrency=1, extra=("-B", "-s", str(tmp_path / "beat-schedule")))
+        for raw in cap.runs:
+            run_id = json.loads(raw)["id"]
+            real_store.client.set(real_store.keys.run(cap.agent_id, run_id), raw)
+            real_store.client.rpush(real_store.keys.runs_index(cap.agent_id), run_id)
+        wait_until(lambda: caught_up(real_store, [cap.agent_id], {cap.agent_id: 4}), 60, "discover")
+    assert json.loads(real_store.client.get(real_store.keys.plan(cap.agent_id))) == cap.value(
+        "plan"
+    )

@@ -37,6 +37,10 @@ QUEUES = (INGEST_QUEUE, LEARN_QUEUE, MAINTENANCE_QUEUE)
 
 INGEST_TASK = "adaptive.ingest_runs"
 LEARN_TASK = "adaptive.learn_agent"
+DISCOVER_TASK = "adaptive.discover"
+REBUILD_TASK = "adaptive.rebuild_agent"
+REBUILD_ALL_TASK = "adaptive.rebuild_all"
+RETENTION_TASK = "adaptive.retention"
 
 TASK_MODULES = ("tasks.jobs",)
 
@@ -124,10 +128,32 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         include=list(TASK_MODULES),
+        beat_schedule=beat_schedule(settings),
+        # Several beats must not double the schedule's effects: tasks are
+        # idempotent; a short loop keeps the schedule responsive.
+        beat_max_loop_interval=10,
         enable_utc=True,
         timezone="UTC",
     )
     return app
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Periodic tasks; each period comes from settings and None switches it off.
+
+    Every entry is idempotent, and `expires` drops a run that waited longer
+    than its own period (a backlog must not replay a pile of sweeps).
+    """
+    entries = {
+        "discover": (DISCOVER_TASK, settings.discover_interval_s),
+        "rebuild-all": (REBUILD_ALL_TASK, settings.rebuild_interval_s),
+        "retention": (RETENTION_TASK, settings.retention_interval_s),
+    }
+    return {
+        name: {"task": task, "schedule": period, "options": {"expires": period}}
+        for name, (task, period) in entries.items()
+        if period
+    }
 
 
 def create_app(settings: Settings | None = None, *, name: str = "adaptive") -> Celery:

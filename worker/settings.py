@@ -63,6 +63,23 @@ class Settings(BaseSettings):
         default=None, description="Drop runs older than this many seconds (unset: keep all)."
     )
 
+    retention_tombstones: PositiveInt = Field(
+        default=10_000,
+        description="Ids of trimmed runs remembered per agent, so late duplicates are refused.",
+    )
+    discover_interval_s: PositiveFloat | None = Field(
+        default=30.0,
+        description="Beat: look for agents with unlearned runs this often (unset/0: off).",
+    )
+    rebuild_interval_s: PositiveFloat | None = Field(
+        default=86_400.0,
+        description="Beat: rebuild every agent's state from its runs this often (unset/0: off).",
+    )
+    retention_interval_s: PositiveFloat | None = Field(
+        default=3_600.0,
+        description="Beat: apply the retention policy this often (unset/0: off).",
+    )
+
     learn_pending_ttl_s: PositiveInt = Field(
         default=120,
         description="Expiry of the one-pending-learn-per-agent marker (bounds a lost learn).",
@@ -162,6 +179,20 @@ class Settings(BaseSettings):
     client_exit_timeout_s: NonNegativeFloat = Field(
         default=2.0, description="Client: at exit, wait this long to publish, then spool the rest."
     )
+    client_state_ttl_s: NonNegativeFloat = Field(
+        default=5.0,
+        description=(
+            "Client: load_plan/load_hints/load_stability serve a value read from Redis for this"
+            " long before reading it again (one GET per key per TTL per process; 0: every call)."
+        ),
+    )
+    client_state_timeout_s: PositiveFloat = Field(
+        default=0.5,
+        description=(
+            "Client: connect/socket timeout of state reads, which run on the agent's thread;"
+            " after a failure the last good values are served for one TTL before retrying."
+        ),
+    )
 
     @field_validator("task_time_limit_s")
     @classmethod
@@ -174,6 +205,13 @@ class Settings(BaseSettings):
                 f"must be at most half of {ENV_PREFIX}BROKER_VISIBILITY_TIMEOUT_S ({visibility})"
             )
         return value
+
+    @field_validator(
+        "discover_interval_s", "rebuild_interval_s", "retention_interval_s", mode="before"
+    )
+    @classmethod
+    def _zero_is_off(cls, value: object) -> object:
+        return None if value in (0, "0", "", "off", "none") else value
 
     @field_validator("redis_url", "broker_url")
     @classmethod

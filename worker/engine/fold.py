@@ -57,6 +57,16 @@ class Changes:
     observations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     stability: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def then(self, later: Changes) -> Changes:
+        """What two successive folds changed together (the later value wins)."""
+        return Changes(
+            accumulators=later.accumulators or self.accumulators,
+            trie=later.trie or self.trie,
+            plan=later.plan or self.plan,
+            observations={**self.observations, **later.observations},
+            stability={**self.stability, **later.stability},
+        )
+
     def changed(self) -> list[tuple[str, str]]:
         """(kind, key) pairs that changed, e.g. ("acg_stability", learning key)."""
         out = [

@@ -1,0 +1,150 @@
+"""Rebuild, retention and discover, on the real Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.workload import synthetic_runs
+from storage.store import Store
+from tasks.learning import ingest, learn_agent
+from tasks.maintenance import apply_retention, lagging_agents, plan_retention, rebuild
+from tests.goldens import load_capture
+from tests.pipeline import dump_state
+from worker.engine.fold import EngineConfig
+
+CONFIG = EngineConfig()
+AGENT = "bench-agent"
+
+
+def _learn(store: Store, agent: str = AGENT, batch: int = 7) -> None:
+    summary = learn_agent(store, agent, max_runs=batch, config=CONFIG)
+    assert summary.caught_up
+
+
+def test_rebuild_equals_incremental(real_store: Store) -> None:
+    runs = list(synthetic_runs(60, agent_id=AGENT, seed=4))
+    ingest(real_store, runs, 8 << 20)
+    _learn(real_store)
+    incremental = dump_state(real_store.client, real_store.keys.prefix)
+    before = real_store.cursor(AGENT)
+    result = rebuild(real_store, AGENT, config=CONFIG, chunk=13)
+    assert result.runs == 60 and result.learned == 60
+    assert dump_state(real_store.client, real_store.keys.prefix) == incremental
+    after = real_store.cursor(AGENT)
+    assert after.learned == before.learned and after.version == before.version + 1
+    staging = real_store.keys.prefix + "adaptive_worker:staging*"
+    assert not list(real_store.client.scan_iter(staging))
+
+
+def test_runs_arriving_during_rebuild_are_learned_once(real_store: Store, prefix: str) -> None:
+    runs = list(synthetic_runs(40, agent_id=AGENT, seed=5))
+    ingest(real_store, runs[:30], 8 << 20)
+    _learn(real_store)
+
+    def late_arrivals(done: int, total: int) -> None:
+        if done == total:  # after the fold read everything, before the swap
+            ingest(real_store, runs[30:], 8 << 20)
+            _learn(real_store)
+
+    rebuild(real_store, AGENT, config=CONFIG, chunk=10, progress=late_arrivals)
+    assert real_store.cursor(AGENT).learned == 30  # the swap covers what it folded
+    _learn(real_store)
+    assert real_store.cursor(AGENT).learned == 40
+    acc = json.loads(real_store.client.get(real_store.keys.accumulators(AGENT)))
+    assert acc["nodes"][""]["remaining_calls"]["1"]["count"] == 40
+
+    fresh = Store(real_store.client, prefix.rstrip(":") + "-fresh:")
+    try:
+        ingest(fresh, [json.loads(r) for _, r in real_store.read_runs(AGENT, 0, 100)], 8 << 20)
+        _learn(fresh)
+        assert dump_state(real_store.client, real_store.keys.prefix) == dump_state(
+            fresh.client, fresh.keys.prefix
+        )
+    finally:
+        fresh.delete_prefix()
+
+
+def test_rebuild_drops_keys_the_runs_no_longer_produce(real_store: Store) -> None:
+    cap = load_capture("relay-openai")
+    ingest(real_store, cap.runs, 8 << 20)
+    _learn(real_store, cap.agent_id)
+    stale = f"{cap.agent_id}::model=gone::seed=stable-scaffold::system=x::tools=y"
+    real_store.client.set(real_store.keys.acg_stability(stale), "{}")
+    result = rebuild(real_store, cap.agent_id, config=CONFIG)
+    assert real_store.keys.acg_stability(stale) in result.deleted
+    assert real_store.client.get(real_store.keys.acg_stability(stale)) is None
+    assert real_store.client.get(real_store.keys.acg_stability(cap.learning_key())) is not None
+
+
+def test_retention_trims_only_learned_runs_and_keeps_offsets(real_store: Store) -> None:
+    runs = list(synthetic_runs(50, agent_id=AGENT, seed=6))
+    ingest(real_store, runs[:30], 8 << 20)
+    _learn(real_store)
+    ingest(real_store, runs[30:], 8 << 20)  # 20 not learned yet
+    plan = plan_retention(real_store, AGENT, max_runs=5, max_age_s=None)
+    assert plan.to_drop == 30  # the policy wants 45 gone, but only learned runs may go
+    dropped = apply_retention(real_store, AGENT, max_runs=5, max_age_s=None, tombstones=1000)
+    assert dropped == 30
+    c = real_store.cursor(AGENT)
+    assert (c.base, c.learned, c.index_length) == (30, 30, 20)
+    assert real_store.get_run(AGENT, runs[0]["id"]) is None
+    _learn(real_store)
+    assert real_store.cursor(AGENT).learned == 50
+    acc = json.loads(real_store.client.get(real_store.keys.accumulators(AGENT)))
+    assert acc["nodes"][""]["remaining_calls"]["1"]["count"] == 50  # state kept
+    # A late duplicate of a trimmed run is not stored (and learned) again.
+    assert ingest(real_store, [runs[0]], 8 << 20).duplicates
+
+
+def test_retention_by_age(real_store: Store) -> None:
+    runs = list(synthetic_runs(20, agent_id=AGENT, seed=7))  # 10 s apart from 2026-01-01
+    ingest(real_store, runs, 8 << 20)
+    _learn(real_store)
+    from storage.timestamps import parse_ns
+
+    now = parse_ns(runs[12]["started_at"])
+    plan = plan_retention(real_store, AGENT, max_runs=None, max_age_s=1, now_ns=now)
+    assert plan.to_drop == 12
+
+
+def _agent_bytes(store: Store, agent: str) -> int:
+    keys = list(store.client.scan_iter(f"{store.keys.prefix}*{agent}*"))
+    return sum(store.client.memory_usage(k) or 0 for k in keys)
+
+
+def test_retention_keeps_bytes_per_agent_flat(real_store: Store) -> None:
+    runs = list(synthetic_runs(900, agent_id=AGENT, seed=8))
+    sizes = []
+    for i in range(0, 900, 150):
+        ingest(real_store, runs[i : i + 150], 8 << 20)
+        _learn(real_store, batch=150)
+        apply_retention(real_store, AGENT, max_runs=100, max_age_s=None, tombstones=200)
+        sizes.append(_agent_bytes(real_store, AGENT))
+    print("bytes per agent after each round:", sizes)
+    steady = sizes[2:]
+    assert max(steady) <= 1.15 * min(steady), sizes
+    assert real_store.cursor(AGENT).index_length == 100
+
+
+def test_discover_finds_runs_written_by_the_runtime_itself(real_store: Store) -> None:
+    """A NeMo Relay agent with learners off writes SET run + RPUSH index, nothing else."""
+    cap = load_capture("relay-anthropic")
+    for raw in cap.runs:
+        run_id = json.loads(raw)["id"]
+        real_store.client.set(real_store.keys.run(cap.agent_id, run_id), raw)
+        real_store.client.rpush(real_store.keys.runs_index(cap.agent_id), run_id)
+    lagging = lagging_agents(real_store)
+    assert list(lagging) == [cap.agent_id] and lagging[cap.agent_id].lag == 4
+    _learn(real_store, cap.agent_id)
+    assert lagging_agents(real_store) == {}
+    plan = json.loads(real_store.client.get(real_store.keys.plan(cap.agent_id)))
+    assert plan == cap.value("plan")
+
+
+@pytest.mark.parametrize("agent", ["plain", "we*ird[agent]?"])
+def test_learning_keys_scan_is_glob_safe(real_store: Store, agent: str) -> None:
+    real_store.client.set(real_store.keys.acg_stability(f"{agent}::k"), "{}")
+    real_store.client.set(real_store.keys.acg_stability("other::k"), "{}")
+    assert real_store.learning_keys(agent) == [f"{agent}::k"]
