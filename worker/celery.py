@@ -164,3 +164,8 @@ def create_app(settings: Settings | None = None, *, name: str = "adaptive") -> C
 
 app = Celery("adaptive")
 configure(app, get_settings())
+
+# Serve Prometheus metrics from every `celery worker` main process.
+from worker.metrics import install  # noqa: E402 - needs the configured app
+
+install(app)
