@@ -72,6 +72,11 @@ class Keys:
         """Marker (SET NX EX) meaning: a learn for this agent is already queued."""
         return f"{self.prefix}{OWN}:pending:{agent_id}"
 
+    def lease(self, agent_id: str) -> str:
+        """Learn lease (SET NX PX token): one learner per agent at a time, to save
+        CPU. Correctness never depends on it: the commit's offset check does."""
+        return f"{self.prefix}{OWN}:lease:{agent_id}"
+
     def agents(self) -> str:
         """Set of agent ids that ever had a run stored through us."""
         return f"{self.prefix}{OWN}:agents"

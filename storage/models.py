@@ -41,27 +41,39 @@ from storage.timestamps import parse_ns
 
 
 class WireModel(BaseModel):
-    """Base: keeps unknown fields and omits absent optionals on output."""
+    """Base: keeps unknown fields and omits absent optionals on output.
+
+    Output uses pydantic's native `exclude_none` (fast: run records are
+    re-serialized on every ingest); it applies to model fields and extras,
+    never inside plain dict values, which are kept exactly.
+    """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, ser_json_inf_nan="null")
 
-    # Fields the runtime serializes as `null` when absent (Rust `Option` without
-    # `skip_serializing_if`). Every other `None` is omitted.
-    _keep_null: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        keep = self._keep_null
-        return {k: v for k, v in data.items() if v is not None or k in keep}
-
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready dict the runtime would store."""
-        return self.model_dump(mode="json", by_alias=True)
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def to_json(self) -> str:
         """Compact JSON, the layout serde_json writes."""
-        return self.model_dump_json(by_alias=True)
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class KeepNull(WireModel):
+    """For the runtime's `Option` fields without `skip_serializing_if`: written as `null`.
+
+    `exclude_none` drops them first; this puts them back.
+    """
+
+    _keep_null: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _restore_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self._keep_null:
+            if getattr(self, name) is None:
+                data[name] = None
+        return data
 
 
 M = TypeVar("M", bound=WireModel)
@@ -344,13 +356,13 @@ class ParallelHint(WireModel):
     explicit: bool
 
 
-class MetadataEnvelope(WireModel):
+class MetadataEnvelope(KeepNull):
     run_id: UuidStr
     agent_id: str
     parallel_hints: list[ParallelHint]
     extensions: Any
 
-    _keep_null = frozenset({"extensions"})
+    _keep_null = ("extensions",)
 
 
 class ExecutionPlan(WireModel):
@@ -372,22 +384,22 @@ class PredictionMetrics(WireModel):
     p95: float
 
 
-class LlmCallPrediction(WireModel):
+class LlmCallPrediction(KeepNull):
     remaining_calls: PredictionMetrics
     interarrival_ms: PredictionMetrics
     output_tokens: PredictionMetrics
     latency_sensitivity: U32 | None = None
 
-    _keep_null = frozenset({"latency_sensitivity"})
+    _keep_null = ("latency_sensitivity",)
 
 
-class PredictionTrieNode(WireModel):
+class PredictionTrieNode(KeepNull):
     name: str
     children: dict[str, PredictionTrieNode]
     predictions_by_call_index: dict[U32Key, LlmCallPrediction]
     predictions_any_index: LlmCallPrediction | None = None
 
-    _keep_null = frozenset({"predictions_any_index"})
+    _keep_null = ("predictions_any_index",)
 
 
 class TrieEnvelope(WireModel):
@@ -512,4 +524,4 @@ def parse_observations(data: str | bytes | list[Any]) -> list[PromptIR]:
 
 
 def observations_json(observations: list[PromptIR]) -> str:
-    return _OBSERVATIONS.dump_json(observations, by_alias=True).decode()
+    return _OBSERVATIONS.dump_json(observations, by_alias=True, exclude_none=True).decode()

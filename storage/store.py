@@ -100,6 +100,7 @@ class Store:
         self._commit = client.register_script(_script("commit.lua"))
         self._trim = client.register_script(_script("trim.lua"))
         self._swap = client.register_script(_script("swap.lua"))
+        self._release = client.register_script(_script("release_lease.lua"))
 
     # ------------------------------------------------------------------ runs
     def store_runs(self, runs: Sequence[RunRecord]) -> list[bool]:
@@ -295,6 +296,12 @@ class Store:
         for agent in agents:
             pipe.set(self.keys.pending(agent), "1", nx=True, ex=ttl_s)
         return [a for a, ok in zip(agents, pipe.execute(), strict=True) if ok]
+
+    def acquire_lease(self, agent_id: str, token: str, ttl_ms: int) -> bool:
+        return bool(self.client.set(self.keys.lease(agent_id), token, nx=True, px=ttl_ms))
+
+    def release_lease(self, agent_id: str, token: str) -> bool:
+        return bool(self._release(keys=[self.keys.lease(agent_id)], args=[token]))
 
     def clear_pending(self, agent_id: str) -> None:
         self.client.delete(self.keys.pending(agent_id))

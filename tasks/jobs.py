@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from functools import cache
 
 import redis
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Connection trouble is retried with backoff; anything else is a bug or bad
 # data, which the functions below dead-letter instead of raising.
+LEASE_RECHECK_S = 0.5
 RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -49,12 +51,14 @@ def _config(settings: Settings) -> EngineConfig:
     return EngineConfig(observation_window=settings.observation_window)
 
 
-def schedule_learn(store: Store, agents: list[str], settings: Settings) -> list[str]:
+def schedule_learn(
+    store: Store, agents: list[str], settings: Settings, countdown: float | None = None
+) -> list[str]:
     """Enqueue a learn for each agent that has none pending; returns those enqueued."""
     enqueued = []
     for agent in store.mark_pending(agents, settings.learn_pending_ttl_s):
         try:
-            learn_agent.apply_async(args=[agent], argsrepr=f"<agent {agent}>")
+            learn_agent.apply_async(args=[agent], argsrepr=f"<agent {agent}>", countdown=countdown)
             enqueued.append(agent)
         except Exception:
             # Without the message the marker would only delay the next try.
@@ -98,27 +102,53 @@ def learn_agent(agent_id: str) -> dict[str, int]:
     """Learn everything past the agent's offset, within the time budget.
 
     The pending marker is cleared BEFORE reading, so a run stored while we
-    learn schedules one more learn instead of being missed.
+    learn schedules one more learn instead of being missed. A lease keeps a
+    second learner of the same agent from folding the same batch only to
+    lose the commit; the holder keeps going while runs keep arriving (low
+    latency), and re-checks the lag after releasing, so no wake-up is lost.
     """
     settings = get_settings()
     store = _store()
     store.clear_pending(agent_id)
     store.incr_counter("learn_tasks")
+    token = uuid.uuid4().hex
+    lease_ms = (settings.learn_time_budget_s + 10) * 1000
     deadline = time.monotonic() + settings.learn_time_budget_s
-    try:
-        summary = learning.learn_agent(
-            store,
-            agent_id,
-            max_runs=settings.learn_batch_size,
-            config=_config(settings),
-            deadline=deadline,
-        )
-    except SoftTimeLimitExceeded:
-        schedule_learn(store, [agent_id], settings)
-        raise
-    if not summary.caught_up:
-        schedule_learn(store, [agent_id], settings)
-    return {"learned": summary.learned, "commits": summary.commits, "conflicts": summary.conflicts}
+    totals = {"learned": 0, "commits": 0, "conflicts": 0}
+    first = True
+    while store.acquire_lease(agent_id, token, lease_ms):
+        first = False
+        try:
+            summary = learning.learn_agent(
+                store,
+                agent_id,
+                max_runs=settings.learn_batch_size,
+                config=_config(settings),
+                deadline=deadline,
+            )
+            totals["learned"] += summary.learned
+            totals["commits"] += summary.commits
+            totals["conflicts"] += summary.conflicts
+        except SoftTimeLimitExceeded:
+            log.warning("learn for %s hit the soft time limit; re-queued", agent_id)
+            break
+        finally:
+            store.release_lease(agent_id, token)
+        lag = store.cursor(agent_id).lag
+        if time.monotonic() >= deadline or lag < settings.learn_min_batch:
+            break
+    if first:
+        # Another learner holds the lease and re-checks the lag when it lets
+        # go. In case it died holding it, look again shortly (short
+        # countdowns only: long ones misbehave on Redis, kombu#337).
+        store.incr_counter("learn_skipped")
+        schedule_learn(store, [agent_id], settings, countdown=LEASE_RECHECK_S)
+    elif store.cursor(agent_id).lag > 0:
+        # A few runs arrived during the last step: let more gather first, as
+        # every commit rewrites the agent's whole state (windows of up to 100
+        # prompts), so tiny batches would cost throughput for nothing.
+        schedule_learn(store, [agent_id], settings, countdown=settings.learn_linger_s)
+    return totals
 
 
 # ----------------------------------------------------------------- maintenance

@@ -60,6 +60,9 @@ def validate_payload(payload: str | bytes | dict, max_bytes: int) -> RunRecord:
     """A run record from one submitted payload, or InvalidRecord saying why not."""
     if isinstance(payload, dict):
         return parse_wire(RunRecord, payload)
+    if not isinstance(payload, str | bytes):  # e.g. 42 or null from another publisher
+        got = type(payload).__name__
+        raise InvalidRecord("RunRecord", [("", f"expected JSON text, got {got}")])
     size = len(payload.encode() if isinstance(payload, str) else payload)
     if size > max_bytes:
         raise InvalidRecord("RunRecord", [("", f"run is {size} bytes, limit is {max_bytes}")])
@@ -76,7 +79,7 @@ def ingest(store: Store, payloads: Sequence[str | bytes | dict], max_bytes: int)
             valid.append(validate_payload(payload, max_bytes))
         except InvalidRecord as exc:
             result.rejected.append((pos, str(exc)))
-            raw = payload if not isinstance(payload, dict) else json.dumps(payload)
+            raw = payload if isinstance(payload, str | bytes) else json.dumps(payload)
             dead.append(dead_letter(raw, str(exc), "ingest"))
     store.push_dead_letters(dead)
     for run, new in zip(valid, store.store_runs(valid), strict=True):

@@ -49,3 +49,17 @@ def test_invalid_setting_names_the_variable(
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=var):
         load_settings(_env_file=None)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    from worker.settings import ENV_PREFIX, Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [
+        ENV_PREFIX + name.upper()
+        for name in Settings.model_fields
+        if f"| `{ENV_PREFIX}{name.upper()}` |" not in readme
+    ]
+    assert not missing, f"README configuration table lacks {missing}"

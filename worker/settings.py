@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         default=120,
         description="Expiry of the one-pending-learn-per-agent marker (bounds a lost learn).",
     )
+    learn_min_batch: PositiveInt = Field(
+        default=50,
+        description="A learner keeps going while this many runs wait; fewer wait a linger.",
+    )
+    learn_linger_s: NonNegativeFloat = Field(
+        default=0.25,
+        description="Delay before learning a small backlog, so commits carry more runs.",
+    )
     learn_time_budget_s: PositiveInt = Field(
         default=60,
         description="A learn task stops after this and re-queues the rest (< task time limit).",
@@ -148,7 +156,9 @@ class Settings(BaseSettings):
         description="Client: most bytes of runs in one ingest message (a larger run goes alone).",
     )
     client_linger_ms: NonNegativeFloat = Field(
-        default=5.0, description="Client: the publisher waits this long after a wake-up to batch."
+        default=50.0,
+        description="Client: the publisher waits this long after a wake-up to batch "
+        "(each message costs a worker ~2 ms; 50 ms cut ingest CPU ~5x at 186 runs/s).",
     )
     client_overflow: Literal["drop_oldest", "drop_newest"] = Field(
         default="drop_oldest",
