@@ -148,7 +148,7 @@ def learn_step(
             dead.append(dead_letter("", "run key missing", "learn", agent_id=agent, run_id=run_id))
             continue
         try:
-            run = parse_wire(RunRecord, raw)
+            run = parse_wire(RunRecord, raw, trusted=True)
         except InvalidRecord as exc:
             dead.append(dead_letter(raw, str(exc), "learn", agent_id=agent, run_id=run_id))
             continue

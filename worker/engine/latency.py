@@ -306,6 +306,9 @@ class NodeAccumulators:
             "all_sensitivity": self.all_sensitivity.to_wire(),
         }
 
+    def copy(self) -> NodeAccumulators:
+        return NodeAccumulators.from_wire(self.to_wire())
+
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> NodeAccumulators:
         out = cls.__new__(cls)
@@ -326,43 +329,101 @@ def _stat(m: dict[int, RunningStats], idx: int) -> RunningStats:
 
 
 class Accumulators:
-    """AccumulatorState: path key (`/`-joined, root is `""`) -> NodeAccumulators."""
+    """AccumulatorState: path key (`/`-joined, root is `""`) -> NodeAccumulators.
 
-    __slots__ = ("nodes",)
+    Twin nodes share one object. An agent whose LLM calls all have one name
+    feeds the root and that name's node the very same samples, so the two
+    stay equal forever, and the t-digest updates (the learner's main cost)
+    are done once for both. Two nodes share an object only while their state
+    is equal and they receive identical sample sequences; a run that feeds
+    them differently splits them first. Same inputs, same state, same bits:
+    results are identical to updating each node (`share=False`, tested).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("nodes", "share")
+
+    def __init__(self, share: bool = True) -> None:
         self.nodes: dict[str, NodeAccumulators] = {}
-
-    def _node(self, key: str) -> NodeAccumulators:
-        node = self.nodes.get(key)
-        if node is None:
-            node = self.nodes[key] = NodeAccumulators()
-        return node
+        self.share = share
 
     def add_contexts(self, contexts: Iterable[CallContext], has_sensitivity: bool) -> None:
         """Root first, then every prefix of the path.  An empty call name gives
         the key `""` again, so such a call is counted at the root twice; a name
         containing `/` is one key here and only split when the trie is built."""
+        feeds: dict[str, list[CallContext]] = {}
         for ctx in contexts:
-            self._node("").add_context(ctx, has_sensitivity)
+            feeds.setdefault("", []).append(ctx)
             path = ctx.path
             for i in range(len(path)):
                 key = path[0] if i == 0 else "/".join(path[: i + 1])
-                self._node(key).add_context(ctx, has_sensitivity)
+                feeds.setdefault(key, []).append(ctx)
+        if not self.share:
+            for key, seq in feeds.items():
+                node = self.nodes.get(key) or self.nodes.setdefault(key, NodeAccumulators())
+                for ctx in seq:
+                    node.add_context(ctx, has_sensitivity)
+            return
+        # Keys fed the same contexts in the same order form a group.
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for key, seq in feeds.items():
+            groups.setdefault(tuple(map(id, seq)), []).append(key)
+        owners: dict[int, list[str]] = {}
+        for key, node in self.nodes.items():
+            owners.setdefault(id(node), []).append(key)
+        for keys in groups.values():
+            seq = feeds[keys[0]]
+            targets: dict[int, NodeAccumulators] = {}
+            fresh: NodeAccumulators | None = None
+            for key in keys:
+                node = self.nodes.get(key)
+                if node is None:
+                    if fresh is None:
+                        fresh = NodeAccumulators()
+                        targets[id(fresh)] = fresh
+                    self.nodes[key] = fresh
+                    continue
+                sharers = owners[id(node)]
+                if not set(sharers) <= set(keys):
+                    # Twins about to diverge: give this group its own copy.
+                    inside = [k for k in sharers if k in keys]
+                    node = node.copy()
+                    for k in inside:
+                        self.nodes[k] = node
+                    owners[id(node)] = inside
+                    for k in inside:
+                        sharers.remove(k)
+                targets[id(node)] = node
+            for node in targets.values():
+                for ctx in seq:
+                    node.add_context(ctx, has_sensitivity)
 
     def add_run(self, run: RunLike, config: SensitivityConfig = DEFAULT_SENSITIVITY) -> None:
         """`PredictionTrieBuilder::add_run`: extract, score, accumulate."""
         self.add_contexts(extract_contexts(run, config), config.enabled)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"nodes": {k: self.nodes[k].to_wire() for k in sorted(self.nodes)}}
+        done: dict[int, dict[str, Any]] = {}
+        out = {}
+        for k in sorted(self.nodes):
+            node = self.nodes[k]
+            wire = done.get(id(node))
+            if wire is None:
+                wire = done[id(node)] = node.to_wire()
+            out[k] = wire
+        return {"nodes": out}
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any] | None) -> Accumulators:
-        out = cls()
+    def from_wire(cls, d: dict[str, Any] | None, share: bool = True) -> Accumulators:
+        """Nodes whose stored values are equal become one shared object."""
+        out = cls(share)
         if d:
-            nodes = d.get("nodes") or {}
-            out.nodes = {k: NodeAccumulators.from_wire(v) for k, v in nodes.items()}
+            seen: list[tuple[dict[str, Any], NodeAccumulators]] = []
+            for k, v in (d.get("nodes") or {}).items():
+                twin = next((n for w, n in seen if w == v), None) if share else None
+                if twin is None:
+                    twin = NodeAccumulators.from_wire(v)
+                    seen.append((v, twin))
+                out.nodes[k] = twin
         return out
 
 
