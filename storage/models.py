@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import uuid
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -310,7 +310,23 @@ AnnotatedRequestJson = Annotated[dict[str, Any], WrapValidator(_validate_request
 # ------------------------------------------------------------------- run records
 
 
-class CallRecord(WireModel):
+class _Timed:
+    """Start/end as integer nanoseconds, parsed once, for the learners' arithmetic."""
+
+    if TYPE_CHECKING:  # the models' fields; annotated here, pydantic would add them
+        started_at: str
+        ended_at: str | None
+
+    @cached_property
+    def start_ns(self) -> int:
+        return parse_ns(self.started_at)
+
+    @cached_property
+    def end_ns(self) -> int | None:
+        return None if self.ended_at is None else parse_ns(self.ended_at)
+
+
+class CallRecord(WireModel, _Timed):
     """One LLM or tool call inside a run (Rust `CallRecord`)."""
 
     kind: Literal["llm", "tool"]
@@ -326,16 +342,8 @@ class CallRecord(WireModel):
     annotated_request: AnnotatedRequestJson | None = None
     annotated_response: dict[str, Any] | None = None
 
-    @cached_property
-    def start_ns(self) -> int:
-        return parse_ns(self.started_at)
 
-    @cached_property
-    def end_ns(self) -> int | None:
-        return None if self.ended_at is None else parse_ns(self.ended_at)
-
-
-class RunRecord(WireModel):
+class RunRecord(WireModel, _Timed):
     """One finished agent run (Rust `RunRecord`): the unit that is submitted and learned."""
 
     id: UuidStr
@@ -343,14 +351,6 @@ class RunRecord(WireModel):
     calls: list[CallRecord]
     started_at: Timestamp
     ended_at: Timestamp | None = None
-
-    @cached_property
-    def start_ns(self) -> int:
-        return parse_ns(self.started_at)
-
-    @cached_property
-    def end_ns(self) -> int | None:
-        return None if self.ended_at is None else parse_ns(self.ended_at)
 
 
 # ------------------------------------------------------------------ the plan

@@ -8,6 +8,7 @@ prefix and removes its keys afterwards, so tests never see each other.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -18,6 +19,19 @@ import redis
 from storage.store import Store
 
 REDIS_URL = os.environ.get("ADAPTIVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def amqp_up() -> bool:
+    """RabbitMQ runs on this machine kind; elsewhere its tests skip with a reason."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+needs_rabbitmq = pytest.mark.skipif(not amqp_up(), reason="no RabbitMQ on 127.0.0.1:5672")
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ import tasks.client as client_module
 from storage.errors import InvalidRecord
 from storage.models import RunRecord, parse_wire
 from tasks.client import BufferFull, RunClient
+from tests.conftest import AMQP_URL, needs_rabbitmq
 from tests.goldens import load_capture
 from worker.celery import INGEST_QUEUE, INGEST_TASK, broker_key_prefix
 from worker.settings import Settings, load_settings
@@ -567,18 +568,10 @@ def test_module_functions_use_one_lazy_default_client(
 # ---------------------------------------------------------------- RabbitMQ
 
 
-AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+AMQP = AMQP_URL
 
 
-def _amqp_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _amqp_up(), reason="no RabbitMQ answering on 127.0.0.1:5672")
+@needs_rabbitmq
 def test_publish_to_rabbitmq_and_consume_back(spool: Path, clients: list[RunClient]) -> None:
     from kombu import Connection
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from bench.workload import synthetic_runs
 from storage.store import Store
 from tasks.client import RunClient
-from tests.conftest import REDIS_URL
+from tests.conftest import AMQP_URL, REDIS_URL, needs_rabbitmq
 from tests.pipeline import caught_up, celery_workers, dump_state, wait_until, worker_env
 from worker.cli import app as cli
 from worker.settings import load_settings
@@ -158,20 +158,10 @@ def test_kill_9_mid_learn_loses_and_doubles_nothing(
     assert real_store.dead_letter_count() == 0
 
 
-AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+AMQP = AMQP_URL
 
 
-def _amqp_up() -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _amqp_up(), reason="no RabbitMQ answering on 127.0.0.1:5672")
+@needs_rabbitmq
 def test_rabbitmq_broker_learns_the_same(
     real_store: Store, real_redis: redis.Redis, tmp_path: Path
 ) -> None:
