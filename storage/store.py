@@ -281,6 +281,38 @@ class Store:
     def incr_counter(self, name: str, amount: int = 1) -> None:
         self.client.hincrby(self.keys.counters(), name, amount)
 
+    def dead_letter_at(self, index: int) -> str | None:
+        """The entry at list position `index` (negative counts from the end), or None."""
+        entry: str | None = self.client.lindex(self.keys.dead_letters(), index)
+        return entry
+
+    def remove_dead_letters(self, entries: Sequence[str]) -> int:
+        """Remove one occurrence of each entry, by value; returns how many went.
+
+        By value, not by position: ingest and learn push new entries while an
+        operator works through the list, and another `dead-letters` command
+        may remove some, so positions read earlier can point elsewhere now.
+        An entry removed meanwhile is simply not counted.
+        """
+        if not entries:
+            return 0
+        pipe = self.client.pipeline(transaction=True)
+        for entry in entries:
+            pipe.lrem(self.keys.dead_letters(), 1, entry)
+        return sum(int(n) for n in pipe.execute())
+
+    def purge_dead_letters(self) -> int:
+        """Delete the whole list atomically; returns how many entries it held.
+
+        The `dead_letters` counter is left alone: it counts entries ever
+        dead-lettered, as the metric of that name says.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.keys.dead_letters())
+        pipe.delete(self.keys.dead_letters())
+        length, _ = pipe.execute()
+        return int(length)
+
     # -------------------------------------------------------- learn markers
     def mark_pending(self, agent_ids: Iterable[str], ttl_s: int) -> list[str]:
         """SET NX EX a pending marker per agent; the agents whose marker is new.
