@@ -45,3 +45,30 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Interop with the real NeMo Relay runtime (optional dependency): a separate
+# venv with nemo-relay and this project, used by tests/test_interop.py and
+# bench/vs_relay.py. Our dependencies come from uv.lock, as in .venv.
+RELAY_VENV := .venv-relay
+RELAY_VERSION := 0.10.4
+
+.PHONY: relay-venv interop bench-relay
+
+$(RELAY_VENV)/.installed: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+		python3 -m pip install --quiet --user uv || \
+		python3 -m pip install --quiet --user --break-system-packages uv
+	$(UV) venv --allow-existing --quiet $(RELAY_VENV)
+	$(UV) export --locked --no-dev --no-emit-project --no-hashes --quiet \
+		--format requirements-txt -o $(RELAY_VENV)/requirements.txt
+	$(UV) pip install --quiet --python $(RELAY_VENV)/bin/python \
+		-r $(RELAY_VENV)/requirements.txt nemo-relay==$(RELAY_VERSION) -e .
+	@touch $@
+
+relay-venv: $(RELAY_VENV)/.installed
+
+interop: install relay-venv
+	$(VENV)/bin/python -m pytest -m interop $(PYTEST_ARGS)
+
+bench-relay: install relay-venv
+	$(VENV)/bin/python -m bench.vs_relay $(BENCH_ARGS)
