@@ -24,7 +24,13 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	$(UV) sync --locked
 	@touch $@
 
-install: $(VENV)/.installed
+# The t-digest compiled with mypyc (2x on the learner's hottest loop). A
+# failed build only means the pure Python module is used: same results.
+$(VENV)/.native: $(VENV)/.installed worker/engine/tdigest.py
+	-$(VENV)/bin/python -m worker.engine.native build
+	@touch $@
+
+install: $(VENV)/.installed $(VENV)/.native
 
 run: install
 	$(VENV)/bin/adaptive-worker run

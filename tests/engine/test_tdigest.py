@@ -299,3 +299,27 @@ def test_merging_empty_is_a_no_op() -> None:
     before = rs.to_wire()
     rs.merge(RunningStats())
     assert rs.to_wire() == before
+
+
+def test_compiled_digest_gives_the_same_bits_as_the_python_one() -> None:
+    """`make install` compiles tdigest.py with mypyc; the learner must not notice."""
+    from worker.engine import native
+
+    if native.IMPLEMENTATION != "mypyc":
+        pytest.skip("no compiled t-digest for this source (make install builds it)")
+    rng = random.Random(11)
+    samples = [rng.lognormvariate(3, 1.2) for _ in range(5000)]
+    compiled, pure = native.TDigest(100), TDigest(100)
+    other_c, other_p = native.TDigest(100), TDigest(100)
+    for i, x in enumerate(samples):
+        compiled.add(x)
+        pure.add(x)
+        if i % 3 == 0:
+            other_c.add(-x)
+            other_p.add(-x)
+    assert compiled.to_wire() == pure.to_wire()
+    merged_c = native.TDigest.merge_digests([compiled, other_c])
+    merged_p = TDigest.merge_digests([pure, other_p])
+    assert merged_c.to_wire() == merged_p.to_wire()
+    for q in (0.5, 0.9, 0.95, 0.999):
+        assert merged_c.estimate_quantile(q) == merged_p.estimate_quantile(q)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.engine.tdigest import DEFAULT_MAX_SIZE, TDigest
+from worker.engine.native import DEFAULT_MAX_SIZE, TDigest
 
 
 class RunningStats:
