@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storage.errors import InvalidRecord
 from storage.models import (
@@ -139,3 +142,34 @@ def test_invalid_input_names_the_field(mutate, path: str, needle: str) -> None:
 def test_not_json_is_an_invalid_record() -> None:
     with pytest.raises(InvalidRecord, match="Invalid JSON"):
         parse_wire(RunRecord, "{not json")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    moment=st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+    digits=st.sampled_from([0, 3, 6, 9]),
+    offset_min=st.integers(-23 * 60, 23 * 60),
+)
+def test_timestamp_parsing_agrees_with_datetime(moment, digits, offset_min: int) -> None:
+    """Our integer-arithmetic parser against Python's calendar, any offset."""
+    from storage.timestamps import parse_ns
+
+    frac = f"{moment.microsecond:06d}{'123'}"[:digits]
+    sign = "+" if offset_min >= 0 else "-"
+    hh, mm = divmod(abs(offset_min), 60)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0")
+    stamp = f"{text}{'.' + frac if digits else ''}{sign}{hh:02d}:{mm:02d}"
+    aware = moment.replace(microsecond=0, tzinfo=timezone(timedelta(minutes=offset_min)))
+    expected_s = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(seconds=1)
+    expected = expected_s * 1_000_000_000 + (int(frac.ljust(9, "0")) if digits else 0)
+    assert parse_ns(stamp) == expected
+
+
+@pytest.mark.parametrize(
+    "stamp", ["2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z"]
+)
+def test_impossible_dates_are_rejected(stamp: str) -> None:
+    from storage.timestamps import parse_ns
+
+    with pytest.raises(ValueError, match="RFC 3339"):
+        parse_ns(stamp)
