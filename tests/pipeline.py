@@ -119,12 +119,17 @@ def celery_workers(env: dict[str, str], logdir: Path) -> Iterator[Workers]:
         workers.stop_all()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until `predicate()`; returns the seconds it took."""
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    state: Callable[[], str] = lambda: "",
+) -> float:
+    """Poll until `predicate()`; returns the seconds it took. `state` explains a timeout."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{state()}")
         time.sleep(0.2)
     return time.monotonic() - start
 

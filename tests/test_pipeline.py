@@ -138,8 +138,12 @@ def test_kill_9_mid_learn_loses_and_doubles_nothing(
         client.close(5)
 
         def mid_learn() -> bool:
+            # Every run stored, learning under way. Killing while an ingest
+            # message is between kombu's BRPOP and its unacked record would
+            # lose that message (a window of the Redis transport, see the
+            # README's delivery guarantees); this test is about learning.
             c = real_store.cursor(agent)
-            return 0 < c.learned < 2000 and c.lag > 0
+            return c.index_length == 3000 and 0 < c.learned < 2500
 
         wait_until(mid_learn, 120, "learning to start")
         first.kill_group()
@@ -148,7 +152,12 @@ def test_kill_9_mid_learn_loses_and_doubles_nothing(
         assert learned_at_kill < 3000
 
         workers.start("w2", concurrency=2)
-        wait_until(lambda: caught_up(real_store, [agent], {agent: 3000}), 120, "learning to resume")
+        wait_until(
+            lambda: caught_up(real_store, [agent], {agent: 3000}),
+            120,
+            "learning to resume",
+            lambda: f": {real_store.cursor(agent)}, counters {real_store.counters()}",
+        )
         resumed_in = time.monotonic() - killed_at
 
     assert resumed_in < 120
