@@ -48,8 +48,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from storage.keys import Keys
 
@@ -548,18 +546,12 @@ class Snapshot:
 
 
 def _state_client(settings: Settings) -> redis.Redis:
-    """Short timeouts: these reads run on the agent's event loop."""
+    """The agent-side reader's client (short timeouts: reads run on the agent's loop)."""
+    from tasks.client import _state_client as reader_client
+
     if settings.redis_url is None:
         raise ValueError("StateWatcher needs a real Redis URL (ADAPTIVE_REDIS_URL)")
-    timeout = settings.client_state_timeout_s
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_timeout=False,
-    )
+    return reader_client(settings)
 
 
 def published_version(client: redis.Redis, keys: Keys, agent_id: str) -> int:
