@@ -105,8 +105,9 @@ class Keys:
         """SCAN pattern for an agent's ACG learning keys of `kind` (`{agent}::...`)."""
         return f"{_glob_escape(self.prefix)}{kind}:{_glob_escape(agent_id)}::*"
 
-    def own_pattern(self) -> str:
-        return f"{_glob_escape(self.prefix)}{OWN}:*"
+    def all_pattern(self) -> str:
+        """SCAN pattern for every key under the prefix, the runtime's and ours."""
+        return f"{_glob_escape(self.prefix)}*"
 
 
 def _glob_escape(text: str) -> str:

@@ -389,7 +389,7 @@ class Store:
 
     def delete_prefix(self) -> int:
         """Remove every key under the prefix (tests and `purge` only)."""
-        pattern = self.keys.runs_index_pattern().removesuffix("runs_index:*") + "*"
+        pattern = self.keys.all_pattern()
         n = 0
         batch: list[str] = []
         for key in self.client.scan_iter(pattern, count=1000):

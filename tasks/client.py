@@ -627,6 +627,18 @@ class RunClient:
 
     def submit_run(self, run: RunInput) -> None:
         """Queue one run for the workers; returns at once and never raises unless strict."""
+        record = self._record(run)
+        if record is None:
+            return
+        with self._lock:
+            if self._closed:
+                self._refuse_closed(1)
+                return
+            self._append_locked(record)
+        self._wake_publisher()
+
+    def _record(self, run: RunInput) -> Record | None:
+        """Encode and size-check one run; None (counted) if refused, strict raises."""
         try:
             text, agent = _encode(run)
             if self.strict:
@@ -635,20 +647,21 @@ class RunClient:
                 raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
         except Exception as exc:  # e.g. a model's to_json() failing
             self._refuse(exc)
+            return None
+        return (text, agent, len(text))
+
+    def _append_locked(self, record: Record) -> None:
+        """Buffer one record (caller holds the lock), making room by the overflow policy."""
+        full = len(self._buffer) >= self._max_runs or (
+            self._buffer_bytes + record[2] > self._max_bytes
+        )
+        if full and not self._make_room(1, record[2]):
             return
-        record = (text, agent, len(text))
-        with self._lock:
-            if self._closed:
-                self._refuse_closed(1)
-                return
-            full = len(self._buffer) >= self._max_runs or (
-                self._buffer_bytes + record[2] > self._max_bytes
-            )
-            if full and not self._make_room(1, record[2]):
-                return
-            self._buffer.append(record)
-            self._buffer_bytes += record[2]
-            self._submitted += 1
+        self._buffer.append(record)
+        self._buffer_bytes += record[2]
+        self._submitted += 1
+
+    def _wake_publisher(self) -> None:
         if not self._started:
             self.start()
         if not self._wake.is_set():
@@ -656,18 +669,7 @@ class RunClient:
 
     def submit_runs(self, runs: Iterable[RunInput]) -> None:
         """`submit_run` for several runs, with one lock and one wake-up."""
-        records: list[Record] = []
-        for run in runs:
-            try:
-                text, agent = _encode(run)
-                if self.strict:
-                    self._validate(text)
-                elif _utf8_len_over(text, self._max_run_bytes):
-                    raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
-            except Exception as exc:
-                self._refuse(exc)  # strict: raises before anything is queued
-                continue
-            records.append((text, agent, len(text)))
+        records = [r for r in map(self._record, runs) if r is not None]
         if not records:
             return
         size = sum(r[2] for r in records)
@@ -682,18 +684,8 @@ class RunClient:
                 self._refused += len(records)
                 raise BufferFull(f"buffer full: {len(self._buffer)} runs queued")
             for record in records:
-                full = len(self._buffer) >= self._max_runs or (
-                    self._buffer_bytes + record[2] > self._max_bytes
-                )
-                if full and not self._make_room(1, record[2]):
-                    continue
-                self._buffer.append(record)
-                self._buffer_bytes += record[2]
-                self._submitted += 1
-        if not self._started:
-            self.start()
-        if not self._wake.is_set():
-            self._wake.set()
+                self._append_locked(record)
+        self._wake_publisher()
 
     def _validate(self, text: str) -> None:
         if _utf8_len_over(text, self._max_run_bytes):

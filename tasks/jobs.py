@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -38,6 +40,15 @@ log = logging.getLogger(__name__)
 # data, which the functions below dead-letter instead of raising.
 LEASE_RECHECK_S = 0.5
 RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def task(name: str, **options: Any) -> Callable[..., Any]:
+    """`app.task` with our common policy: explicit name, no result, and
+    connection trouble retried with backoff (anything else is dead-lettered
+    by the functions the tasks call, not raised)."""
+    return app.task(
+        name=name, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True, **options
+    )
 
 
 @cache
@@ -67,14 +78,7 @@ def schedule_learn(
     return enqueued
 
 
-@app.task(
-    name=INGEST_TASK,
-    autoretry_for=RETRY_ON,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=None,
-    ignore_result=True,
-)
+@task(INGEST_TASK, retry_backoff_max=60, max_retries=None)
 def ingest_runs(payloads: list[str]) -> dict[str, int]:
     """Validate, store (idempotently) and make sure each agent's learn is pending."""
     settings = get_settings()
@@ -90,14 +94,7 @@ def ingest_runs(payloads: list[str]) -> dict[str, int]:
     }
 
 
-@app.task(
-    name=LEARN_TASK,
-    autoretry_for=RETRY_ON,
-    retry_backoff=True,
-    retry_backoff_max=30,
-    max_retries=None,
-    ignore_result=True,
-)
+@task(LEARN_TASK, retry_backoff_max=30, max_retries=None)
 def learn_agent(agent_id: str) -> dict[str, int]:
     """Learn everything past the agent's offset, within the time budget.
 
@@ -154,7 +151,7 @@ def learn_agent(agent_id: str) -> dict[str, int]:
 # ----------------------------------------------------------------- maintenance
 
 
-@app.task(name=DISCOVER_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+@task(DISCOVER_TASK)
 def discover() -> dict[str, int]:
     """Schedule a learn for every agent with unlearned runs (including runs written
     by NeMo Relay agents themselves), so nothing waits on a lost learn message."""
@@ -165,7 +162,7 @@ def discover() -> dict[str, int]:
     return {"lagging": len(lagging), "enqueued": len(enqueued)}
 
 
-@app.task(name=REBUILD_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+@task(REBUILD_TASK)
 def rebuild_agent(agent_id: str) -> dict[str, int]:
     """Recompute one agent's state from its retained runs and swap it in."""
     settings = get_settings()
@@ -177,7 +174,7 @@ def rebuild_agent(agent_id: str) -> dict[str, int]:
     return {"runs": result.runs, "version": result.version}
 
 
-@app.task(name=REBUILD_ALL_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+@task(REBUILD_ALL_TASK)
 def rebuild_all() -> dict[str, int]:
     """Fan out one rebuild per agent (each its own task, so one big agent blocks nothing)."""
     agents = _store().agent_ids()
@@ -186,7 +183,7 @@ def rebuild_all() -> dict[str, int]:
     return {"agents": len(agents)}
 
 
-@app.task(name=RETENTION_TASK, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True)
+@task(RETENTION_TASK)
 def retention() -> dict[str, int]:
     """Apply the retention policy to every agent (only learned runs are ever dropped)."""
     settings = get_settings()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from storage.errors import InvalidRecord
@@ -229,9 +229,3 @@ def learn_agent(
             log.info("learn conflict for agent %s: another learner committed first", agent)
         if deadline is not None and time.monotonic() >= deadline:
             return summary
-
-
-def learn_all(
-    store: Store, agents: Iterable[str], *, max_runs: int, config: EngineConfig
-) -> dict[str, LearnSummary]:
-    return {a: learn_agent(store, a, max_runs=max_runs, config=config) for a in agents}

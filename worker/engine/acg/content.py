@@ -89,6 +89,17 @@ def content_value(content: Any) -> Any:
     raise UnsupportedRequest("message content is neither a string nor a list of parts")
 
 
+_TEXT_FIELD = {"text": "text", "refusal": "refusal"}
+
+
+def _part_text(part: dict[str, Any], kind: str) -> str:
+    """The string of a text or refusal part (both surfaces' extractors agree on these)."""
+    text = part.get(_TEXT_FIELD[kind])
+    if not isinstance(text, str):
+        raise UnsupportedRequest(f"{kind} part without {_TEXT_FIELD[kind]}")
+    return text
+
+
 def ir_text(content: Any) -> str:
     """Text of a content value for a prompt-IR block (`ir_builder::extract_text`).
 
@@ -102,14 +113,8 @@ def ir_text(content: Any) -> str:
     pieces: list[str] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise UnsupportedRequest("text part without text")
-        elif kind == "refusal":
-            text = part.get("refusal")
-            if not isinstance(text, str):
-                raise UnsupportedRequest("refusal part without refusal")
+        if kind in _TEXT_FIELD:
+            text = _part_text(part, kind)
         elif kind == "image_url":
             _image_url_value(part.get("image_url"))
             continue
@@ -136,16 +141,8 @@ def seed_text(content: Any) -> str:
     pieces: list[str] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise UnsupportedRequest("text part without text")
-            pieces.append(text)
-        elif kind == "refusal":
-            text = part.get("refusal")
-            if not isinstance(text, str):
-                raise UnsupportedRequest("refusal part without refusal")
-            pieces.append(text)
+        if kind in _TEXT_FIELD:
+            pieces.append(_part_text(part, kind))
         elif kind == "image_url":
             image = _image_url_value(part.get("image_url"))
             pieces.append(f"[image:{image.get('detail', 'none')}:{sha256_hex(image['url'])}]")
