@@ -101,13 +101,44 @@ class Keys:
         """Scratch key `n` of a rebuild in progress, swapped in by RENAME."""
         return f"{self.prefix}{OWN}:staging:{n}:{agent_id}"
 
-    def learning_key_pattern(self, kind: str, agent_id: str) -> str:
-        """SCAN pattern for an agent's ACG learning keys of `kind` (`{agent}::...`)."""
-        return f"{_glob_escape(self.prefix)}{kind}:{_glob_escape(agent_id)}::*"
+    def learning_keys(self, agent_id: str) -> str:
+        """Set of the agent's ACG learning keys (`{agent}::model=...`) with state.
+
+        Rebuild and retention enumerate an agent's windows from this set,
+        never with a `{agent}::*` glob, which would also match the keys of an
+        agent whose id merely starts with `{agent}::`.
+        """
+        return f"{self.prefix}{OWN}:learning_keys:{agent_id}"
+
+    def stored_at(self, agent_id: str) -> str:
+        """Sorted set: run id -> Redis server time (s) when we stored it.
+
+        Age retention goes by this, not by the run's own timestamps, so one
+        client with a bad clock cannot pin an agent's history.
+        """
+        return f"{self.prefix}{OWN}:stored_at:{agent_id}"
 
     def all_pattern(self) -> str:
         """SCAN pattern for every key under the prefix, the runtime's and ours."""
         return f"{_glob_escape(self.prefix)}*"
+
+
+LEARNING_KEY_SEPARATOR = "::"
+
+
+def agent_id_problem(agent_id: str) -> str | None:
+    """Why `agent_id` cannot be accepted, or None.
+
+    The runtime names an agent's ACG learning keys `{agent}::model=...` and
+    its seed profile plain `{agent}` (SPEC section 2), so an agent whose id
+    contains `::` could equal another agent's learning key and overwrite
+    its window. No other character can make two agents' keys meet: every
+    other key ends with the agent id after a fixed word, or with the agent
+    id and a run UUID. Keys are binary-safe, so anything else is fine.
+    """
+    if LEARNING_KEY_SEPARATOR in agent_id:
+        return "must not contain '::' (it separates an agent id from its ACG learning keys)"
+    return None
 
 
 def _glob_escape(text: str) -> str:

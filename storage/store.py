@@ -89,12 +89,27 @@ class CommitResult:
     version: int  # new state version, or -1 on conflict
 
 
+DEFAULT_DEAD_LETTER_CAP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    """What `store_runs` did with one run."""
+
+    new: bool
+    conflict: str | None = None  # the stored JSON, when it differs from the submitted run
+
+
 class Store:
     """All Redis access for one key prefix."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, *, dead_letter_cap: int = DEFAULT_DEAD_LETTER_CAP
+    ) -> None:
         self.client = client
         self.keys = Keys(prefix)
+        self.dead_letter_cap = dead_letter_cap
+        self._dead_letters = client.register_script(_script("dead_letters.lua"))
         self._store_runs = client.register_script(_script("store_runs.lua"))
         self._read_batch = client.register_script(_script("read_batch.lua"))
         self._commit = client.register_script(_script("commit.lua"))
@@ -103,28 +118,58 @@ class Store:
         self._release = client.register_script(_script("release_lease.lua"))
 
     # ------------------------------------------------------------------ runs
-    def store_runs(self, runs: Sequence[RunRecord]) -> list[bool]:
-        """Store runs idempotently; True for each run that was new.
+    def store_runs(
+        self, runs: Sequence[RunRecord], encoded: Sequence[str] | None = None
+    ) -> list[bool]:
+        """Store runs idempotently; True for each run that was new."""
+        return [outcome.new for outcome in self.store_runs_detailed(runs, encoded)]
+
+    def store_runs_detailed(
+        self, runs: Sequence[RunRecord], encoded: Sequence[str] | None = None
+    ) -> list[StoreOutcome]:
+        """Store runs idempotently, saying for each whether it was new or conflicts.
 
         One script call for the whole batch: each run key is SET NX and, only
-        when it was new, its id is appended to the agent's index in the same
-        atomic step.
+        when it was new, its id is appended to the agent's index (and its
+        server-side store time recorded) in the same atomic step. `encoded`
+        is each run's JSON when the caller has it already (ingest measured
+        it against the size limit). A run id already stored with other bytes
+        is reported with the stored JSON; the first stays (runs are immutable).
         """
         if not runs:
             return []
+        texts = list(encoded) if encoded is not None else [run.to_json() for run in runs]
         keys: list[str] = []
         args: list[str] = []
-        for run in runs:
+        for run, text in zip(runs, texts, strict=True):
             agent = run.agent_id
             keys += [self.keys.run(agent, run.id), self.keys.runs_index(agent)]
-            keys.append(self.keys.tombstones(agent))
-            args += [run.to_json(), run.id]
+            keys += [self.keys.tombstones(agent), self.keys.stored_at(agent)]
+            args += [text, run.id]
         keys.append(self.keys.agents())
         args += [run.agent_id for run in runs]
-        return [bool(flag) for flag in self._store_runs(keys=keys, args=args)]
+        replies = self._store_runs(keys=keys, args=args)
+        return [
+            StoreOutcome(reply == 1, reply if isinstance(reply, str) else None) for reply in replies
+        ]
 
     def store_run(self, run: RunRecord) -> bool:
         return self.store_runs([run])[0]
+
+    def stored_at(self, agent_id: str, run_ids: Sequence[str]) -> list[float | None]:
+        """When each run was stored (Redis server time, s), None where unknown."""
+        if not run_ids:
+            return []
+        return [
+            None if score is None else float(score)
+            for score in self.client.zmscore(self.keys.stored_at(agent_id), list(run_ids))
+        ]
+
+    def mark_stored_at(self, agent_id: str, run_ids: Sequence[str], when_s: float) -> None:
+        """Record `when_s` for runs without a stored-at time (runs the runtime wrote itself)."""
+        if run_ids:
+            mapping = dict.fromkeys(run_ids, when_s)
+            self.client.zadd(self.keys.stored_at(agent_id), mapping, nx=True)
 
     def read_runs(self, agent_id: str, offset: int, count: int) -> list[tuple[str, str | None]]:
         """Index entries [offset, offset+count) (list positions) and their runs, one round trip."""
@@ -133,6 +178,13 @@ class Store:
 
     def run_ids(self, agent_id: str) -> list[str]:
         return self.client.lrange(self.keys.runs_index(agent_id), 0, -1)
+
+    def run_ids_range(self, agent_id: str, offset: int, count: int) -> list[str]:
+        """Index entries [offset, offset+count) (list positions), ids only."""
+        ids: list[str] = self.client.lrange(
+            self.keys.runs_index(agent_id), offset, offset + count - 1
+        )
+        return ids
 
     def get_run(self, agent_id: str, run_id: str) -> RunRecord | None:
         raw = self.client.get(self.keys.run(agent_id, run_id))
@@ -201,20 +253,29 @@ class Store:
         *,
         runs_learned: int = 0,
         dead_letters: Sequence[str] = (),
+        learning_keys: Sequence[str] = (),
     ) -> CommitResult:
-        """Write `writes`, dead letters and the new offset iff it is still `expected_learned`."""
+        """Write `writes`, dead letters and the new offset iff it is still `expected_learned`.
+
+        `learning_keys` are the ACG keys whose windows `writes` holds; they join
+        the agent's own set in the same step.
+        """
         keys = [
             self.keys.cursor(agent_id),
             self.keys.dead_letters(),
             self.keys.counters(),
+            self.keys.learning_keys(agent_id),
             *writes.keys(),
         ]
         args: list[str | int] = [
             expected_learned,
             new_learned,
             runs_learned,
+            self.dead_letter_cap,
             len(dead_letters),
+            len(learning_keys),
             *dead_letters,
+            *learning_keys,
             *writes.values(),
         ]
         version = int(self._commit(keys=keys, args=args))
@@ -227,12 +288,18 @@ class Store:
             self.keys.cursor(agent_id),
             self.keys.runs_index(agent_id),
             self.keys.tombstones(agent_id),
+            self.keys.stored_at(agent_id),
         ]
         args = [self.keys.run_key_prefix(agent_id), count, now_s, tombstones]
         return int(self._trim(keys=keys, args=args))
 
     def swap_state(
-        self, agent_id: str, values: Mapping[str, str], learned: int, delete: Iterable[str] = ()
+        self,
+        agent_id: str,
+        values: Mapping[str, str],
+        learned: int,
+        delete: Iterable[str] = (),
+        learning_keys: Sequence[str] = (),
     ) -> int:
         """Stage `values` (target key -> JSON), then swap them in with `learned` atomically.
 
@@ -245,28 +312,24 @@ class Store:
         for stage, target in staged.items():
             pipe.set(stage, values[target], ex=3600)  # a crashed rebuild leaves no litter
         pipe.execute()
-        keys = [self.keys.cursor(agent_id)]
+        keys = [self.keys.cursor(agent_id), self.keys.learning_keys(agent_id)]
         for stage, target in staged.items():
             keys += [stage, target]
         keys += [k for k in delete if k not in values]
-        return int(self._swap(keys=keys, args=[len(staged), learned]))
+        args = [len(staged), learned, len(learning_keys), *learning_keys]
+        return int(self._swap(keys=keys, args=args))
 
     def learning_keys(self, agent_id: str) -> list[str]:
-        """The agent's ACG learning keys that have observations or stability stored."""
-        found: set[str] = set()
-        for kind in ("acg_observations", "acg_stability"):
-            head = len(f"{self.keys.prefix}{kind}:")
-            pattern = self.keys.learning_key_pattern(kind, agent_id)
-            found.update(k[head:] for k in self.client.scan_iter(pattern, count=1000))
-        return sorted(found)
+        """The agent's ACG learning keys with state, from its own set (never a glob)."""
+        return sorted(self.client.smembers(self.keys.learning_keys(agent_id)))
 
     # --------------------------------------------------------- dead letters
-    def push_dead_letters(self, entries: Sequence[str]) -> None:
-        if entries:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.rpush(self.keys.dead_letters(), *entries)
-            pipe.hincrby(self.keys.counters(), "dead_letters", len(entries))
-            pipe.execute()
+    def push_dead_letters(self, entries: Sequence[str]) -> int:
+        """Append to the capped dead-letter list; returns how many old entries were trimmed."""
+        if not entries:
+            return 0
+        keys = [self.keys.dead_letters(), self.keys.counters()]
+        return int(self._dead_letters(keys=keys, args=[self.dead_letter_cap, *entries]))
 
     def dead_letters(self, start: int = 0, count: int = -1) -> list[str]:
         stop = -1 if count < 0 else start + count - 1

@@ -10,15 +10,19 @@ batch is applied once or not at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
+from storage import strictjson
 from storage.errors import InvalidRecord
+from storage.keys import agent_id_problem
 from storage.models import RunRecord, parse_wire
 from storage.store import Store, dumps, loads_or_none
+from storage.strictjson import DEFAULT_MAX_DEPTH
 from storage.timestamps import format_ns
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
 
@@ -27,14 +31,54 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- dead letters
 
+DEFAULT_DEAD_LETTER_RAW_BYTES = 64 * 1024
 
-def dead_letter(raw: str | bytes, reason: str, stage: str, **context: str | None) -> str:
-    """One dead-letter entry: the raw payload, why it was rejected, and when."""
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="replace")
-    entry = {"reason": reason, "stage": stage, "at": format_ns(time.time_ns()), "raw": raw}
-    entry.update({k: v for k, v in context.items() if v is not None})
+
+def _text(value: str | bytes) -> str:
+    """Text that can always be stored: invalid UTF-8 and lone surrogates are
+    written as escapes (dead letters keep what was sent, never crash on it)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="backslashreplace")
+    return value.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def dead_letter(
+    raw: str | bytes,
+    reason: str,
+    stage: str,
+    *,
+    max_raw: int | None = None,
+    **context: str | None,
+) -> str:
+    """One dead-letter entry: the raw input (truncated), why it was rejected, and when.
+
+    Only the first `max_raw` bytes of the input are kept (setting
+    `dead_letter_raw_max_bytes`), with its full size in `raw_bytes`: a dead
+    letter is for finding out what went wrong, and a 9 MB rejected run must
+    not become a 9 MB entry.
+    """
+    limit = max_raw if max_raw is not None else _default_raw_limit()
+    data = raw if isinstance(raw, bytes | bytearray) else _text(raw).encode("utf-8")
+    entry: dict[str, object] = {
+        "reason": _text(reason)[:2000],
+        "stage": stage,
+        "at": format_ns(time.time_ns()),
+        "raw": _text(data[:limit]),
+        "raw_bytes": len(data),
+    }
+    if len(data) > limit:
+        entry["raw_truncated"] = True
+    entry.update({k: _text(v)[:1000] for k, v in context.items() if v is not None})
     return dumps(entry)
+
+
+def _default_raw_limit() -> int:
+    try:
+        from worker.settings import get_settings
+
+        return get_settings().dead_letter_raw_max_bytes
+    except Exception:  # a bad setting must not stop a dead letter from being written
+        return DEFAULT_DEAD_LETTER_RAW_BYTES
 
 
 # ---------------------------------------------------------------------- ingest
@@ -45,6 +89,7 @@ class IngestResult:
     stored: list[RunRecord] = field(default_factory=list)
     duplicates: list[RunRecord] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+    conflicts: list[RunRecord] = field(default_factory=list)  # same id, other content
 
     @property
     def agents(self) -> list[str]:
@@ -56,37 +101,148 @@ class IngestResult:
         return list(dict.fromkeys(r.agent_id for r in [*self.stored, *self.duplicates]))
 
 
-def validate_payload(payload: str | bytes | dict, max_bytes: int) -> RunRecord:
-    """A run record from one submitted payload, or InvalidRecord saying why not."""
-    if isinstance(payload, dict):
-        return parse_wire(RunRecord, payload)
-    if not isinstance(payload, str | bytes):  # e.g. 42 or null from another publisher
-        got = type(payload).__name__
-        raise InvalidRecord("RunRecord", [("", f"expected JSON text, got {got}")])
-    size = len(payload.encode() if isinstance(payload, str) else payload)
+def check_agent_id(agent_id: str) -> None:
+    """InvalidRecord when the id could make two agents share a key (storage.keys)."""
+    problem = agent_id_problem(agent_id)
+    if problem:
+        raise InvalidRecord("RunRecord", [("agent_id", problem)])
+
+
+def validate_run(
+    payload: object, max_bytes: int, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> tuple[RunRecord, str]:
+    """A run record and the JSON it will be stored as, or InvalidRecord saying why not.
+
+    Every door applies this one rule (strictjson: no NaN/Infinity, no lone
+    surrogates, nesting within `max_depth`); the size limit applies to the
+    encoded run, whatever form it arrived in.
+    """
+    try:
+        if isinstance(payload, dict):
+            strictjson.check_value(payload, max_depth=max_depth)
+            run = parse_wire(RunRecord, payload)
+        elif isinstance(payload, str | bytes | bytearray):
+            # orjson + validating the parsed value: cheaper than pydantic's
+            # own JSON parser, and the parsed value is what the depth limit
+            # is checked on.
+            value = strictjson.loads(payload, max_depth=max_depth, max_bytes=max_bytes)
+            if not isinstance(value, dict):
+                raise ValueError(f"a run is a JSON object, got {_json_kind(value)}")
+            run = parse_wire(RunRecord, value)
+        else:  # e.g. 42 or null from another publisher
+            got = "null" if payload is None else type(payload).__name__
+            raise ValueError(f"expected a run (JSON text or an object), got {got}")
+    except ValueError as exc:
+        if isinstance(exc, InvalidRecord):
+            raise
+        raise InvalidRecord("RunRecord", [("", str(exc))]) from None
+    check_agent_id(run.agent_id)
+    encoded = run.to_json()
+    size = len(encoded.encode("utf-8"))
     if size > max_bytes:
-        raise InvalidRecord("RunRecord", [("", f"run is {size} bytes, limit is {max_bytes}")])
-    return parse_wire(RunRecord, payload)
+        raise InvalidRecord(
+            "RunRecord", [("", f"run is {size} bytes encoded, limit is {max_bytes}")]
+        )
+    return run, encoded
 
 
-def ingest(store: Store, payloads: Sequence[str | bytes | dict], max_bytes: int) -> IngestResult:
-    """Validate and store payloads; bad ones go to the dead-letter list, the rest are kept."""
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    kinds = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return kinds.get(type(value), type(value).__name__)
+
+
+def validate_payload(
+    payload: object, max_bytes: int, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> RunRecord:
+    """`validate_run` for callers that only need the record."""
+    return validate_run(payload, max_bytes, max_depth=max_depth)[0]
+
+
+def _raw_of(payload: object) -> str | bytes:
+    if isinstance(payload, str | bytes | bytearray):
+        return payload if not isinstance(payload, bytearray) else bytes(payload)
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+    except (TypeError, orjson.JSONEncodeError):
+        return repr(payload)[:DEFAULT_DEAD_LETTER_RAW_BYTES]
+
+
+def ingest(
+    store: Store,
+    payloads: Sequence[object],
+    max_bytes: int,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_raw: int | None = None,
+) -> IngestResult:
+    """Validate and store payloads; bad ones go to the dead-letter list, the rest are kept.
+
+    Each item is judged on its own, and any failure in judging it (not only
+    a validation error) dead-letters that item alone: one bad run must never
+    cost its neighbours. A run id already stored with other content keeps the
+    first (runs are immutable) and the newcomer is dead-lettered as a
+    `conflicting duplicate`.
+    """
     result = IngestResult()
+    if not isinstance(payloads, list | tuple):
+        # The broker door refuses this shape first; here too it is ONE dead
+        # letter (iterating a 20 KB string would make 20,000).
+        got = "null" if payloads is None else type(payloads).__name__
+        reason = f"expected a list of runs, got {got}"
+        result.rejected.append((0, reason))
+        store.push_dead_letters([dead_letter(_raw_of(payloads), reason, "ingest", max_raw=max_raw)])
+        return result
     valid: list[RunRecord] = []
+    encoded: list[str] = []
     dead: list[str] = []
     for pos, payload in enumerate(payloads):
         try:
-            valid.append(validate_payload(payload, max_bytes))
-        except InvalidRecord as exc:
-            result.rejected.append((pos, str(exc)))
-            raw = payload if isinstance(payload, str | bytes) else json.dumps(payload)
-            dead.append(dead_letter(raw, str(exc), "ingest"))
+            run, text = validate_run(payload, max_bytes, max_depth=max_depth)
+        except Exception as exc:  # any failure rejects this item only
+            reason = str(exc) if isinstance(exc, InvalidRecord) else f"{type(exc).__name__}: {exc}"
+            result.rejected.append((pos, reason))
+            dead.append(dead_letter(_raw_of(payload), reason, "ingest", max_raw=max_raw))
+            continue
+        valid.append(run)
+        encoded.append(text)
+    outcomes = store.store_runs_detailed(valid, encoded)
+    for run, text, outcome in zip(valid, encoded, outcomes, strict=True):
+        if outcome.new:
+            result.stored.append(run)
+        elif outcome.conflict is not None and not _same_json(outcome.conflict, text):
+            result.conflicts.append(run)
+            reason = (
+                f"conflicting duplicate: run {run.id} is stored with other content; kept the first"
+            )
+            dead.append(
+                dead_letter(
+                    text, reason, "ingest", max_raw=max_raw, agent_id=run.agent_id, run_id=run.id
+                )
+            )
+        else:
+            result.duplicates.append(run)
     store.push_dead_letters(dead)
-    for run, new in zip(valid, store.store_runs(valid), strict=True):
-        (result.stored if new else result.duplicates).append(run)
     if result.stored:
         store.incr_counter("runs_ingested", len(result.stored))
+    if result.conflicts:
+        store.incr_counter("conflicting_duplicates", len(result.conflicts))
     return result
+
+
+def _same_json(stored: str, submitted: str) -> bool:
+    """Equal as JSON values (a run the runtime stored itself may differ in layout only)."""
+    try:
+        return bool(orjson.loads(stored) == orjson.loads(submitted))
+    except orjson.JSONDecodeError:
+        return False
 
 
 # ----------------------------------------------------------------------- learn
@@ -119,6 +275,11 @@ def state_writes(store: Store, agent: str, changes: Changes) -> dict[str, str]:
     for key, result in changes.stability.items():
         writes[k.acg_stability(key)] = dumps(result)
     return writes
+
+
+def written_learning_keys(changes: Changes) -> list[str]:
+    """The ACG keys whose windows or results `changes` writes (the agent's own set)."""
+    return sorted({*changes.observations, *changes.stability})
 
 
 def learn_step(
@@ -176,6 +337,7 @@ def learn_step(
         state_writes(store, agent, changes),
         runs_learned=len(runs),
         dead_letters=dead,
+        learning_keys=written_learning_keys(changes),
     )
     caught_up = cursor.learned + consumed >= cursor.end
     return StepResult(

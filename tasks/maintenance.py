@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from storage.models import RunRecord, parse_wire
 from storage.store import Cursor, Store
-from storage.timestamps import parse_ns
-from tasks.learning import state_writes
-from worker.engine.fold import AgentState, Changes, EngineConfig, fold
+from tasks.learning import state_writes, written_learning_keys
+from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
 
 
 # -------------------------------------------------------------------- discover
@@ -27,6 +26,26 @@ def lagging_agents(store: Store) -> dict[str, Cursor]:
     """
     cursors = store.cursors(store.agent_ids())
     return {agent: c for agent, c in cursors.items() if c.lag > 0}
+
+
+# ---------------------------------------------------------------- agent's keys
+def owned_learning_keys(store: Store, agent: str, chunk: int = 500) -> list[str]:
+    """Every ACG learning key the agent owns, named exactly, never by a glob.
+
+    The agent's own set holds the keys our commits wrote; a NeMo Relay agent
+    that learned by itself wrote no set, so the keys its retained runs
+    produce (the runtime's deterministic `{agent}::model=...` names) are
+    added. Reads every retained run: for checks and tools, not the hot path.
+    """
+    keys = dict.fromkeys(store.learning_keys(agent))
+    total = store.cursor(agent).index_length
+    for pos in range(0, total, chunk):
+        rows = store.read_runs(agent, pos, chunk)
+        runs = [parse_wire(RunRecord, raw, trusted=True) for _, raw in rows if raw is not None]
+        keys.update(
+            dict.fromkeys(required_windows(agent, [r for r in runs if r.agent_id == agent]))
+        )
+    return sorted(keys)
 
 
 # --------------------------------------------------------------------- rebuild
@@ -77,10 +96,12 @@ def rebuild(
     k = store.keys
     stale = [k.plan(agent), k.accumulators(agent), k.trie(agent)]
     stale += [k.acg_observations(agent), k.acg_stability(agent)]
-    for key in store.learning_keys(agent):
+    for key in store.learning_keys(agent):  # its own set: never another agent's keys
         stale += [k.acg_observations(key), k.acg_stability(key)]
     deleted = [key for key in stale if key not in values]
-    version = store.swap_state(agent, values, start.base + pos, deleted)
+    version = store.swap_state(
+        agent, values, start.base + pos, deleted, learning_keys=written_learning_keys(changes)
+    )
     return RebuildResult(agent, pos, start.base + pos, version, deleted)
 
 
@@ -109,26 +130,35 @@ def plan_retention(
     if max_runs is not None:
         drop = max(drop, c.index_length - max_runs)
     if max_age_s is not None:
-        cutoff = (now_ns or time.time_ns()) - max_age_s * 1_000_000_000
-        old = 0
-        while old < learned_in_index:
-            rows = store.read_runs(agent, old, min(scan_chunk, learned_in_index - old))
-            if not rows:
-                break
-            for _, raw in rows:
-                if raw is None:
-                    old += 1
-                    continue
-                run = parse_wire(RunRecord, raw)
-                if parse_ns(run.ended_at or run.started_at) >= cutoff:
-                    break
-                old += 1
-            else:
-                continue
-            break
-        drop = max(drop, old)
+        now_s = (now_ns or time.time_ns()) / 1e9
+        drop = max(drop, _stored_before(store, agent, now_s - max_age_s, learned_in_index, now_s))
     drop = min(drop, learned_in_index)
     return RetentionPlan(agent, c.index_length, learned_in_index, drop)
+
+
+def _stored_before(
+    store: Store, agent: str, cutoff_s: float, limit: int, now_s: float, chunk: int = 500
+) -> int:
+    """How many runs at the head of the index were stored before `cutoff_s`.
+
+    Goes by when WE stored each run (Redis server time, recorded at ingest),
+    never by the run's own timestamps: one client with a clock set to 2099
+    must not pin an agent's history. Runs the runtime wrote itself have no
+    such record; they get one now, so their age counts from today.
+    """
+    old = 0
+    while old < limit:
+        ids = store.run_ids_range(agent, old, min(chunk, limit - old))
+        if not ids:
+            break
+        times = store.stored_at(agent, ids)
+        missing = [run_id for run_id, t in zip(ids, times, strict=True) if t is None]
+        store.mark_stored_at(agent, missing, now_s)
+        for t in times:
+            if t is None or t >= cutoff_s:
+                return old
+            old += 1
+    return old
 
 
 def apply_retention(
@@ -150,6 +180,7 @@ __all__ = [
     "RetentionPlan",
     "apply_retention",
     "lagging_agents",
+    "owned_learning_keys",
     "plan_retention",
     "rebuild",
 ]

@@ -46,7 +46,7 @@ from storage.keys import OWN
 from storage.models import RunRecord, parse_wire
 from storage.store import Cursor, Store
 from tasks.learning import state_writes
-from tasks.maintenance import RebuildResult, rebuild
+from tasks.maintenance import RebuildResult, owned_learning_keys, rebuild
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold
 
 
@@ -83,7 +83,7 @@ def _state_keys(store: Store, agent: str, extra: Sequence[str] = ()) -> list[str
     k = store.keys
     keys = [k.plan(agent), k.accumulators(agent), k.trie(agent)]
     keys += [k.acg_observations(agent), k.acg_stability(agent)]
-    for key in store.learning_keys(agent):
+    for key in owned_learning_keys(store, agent):
         keys += [k.acg_observations(key), k.acg_stability(key)]
     keys += extra
     return list(dict.fromkeys(keys))

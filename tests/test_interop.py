@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 
 from storage.store import Store
 from tasks.learning import ingest, learn_agent
+from tasks.maintenance import owned_learning_keys
 from tasks.mixed import check_foreign_writes, recover
 from tasks.relay import SEED_FAILURE_EVENTS, RunRecordExporter, runtime_timestamp, uuid7
 from tests.conftest import REDIS_URL
@@ -102,7 +103,7 @@ def agent_state(client: redis.Redis, prefix: str, agent: str) -> dict[str, Any]:
     store = Store(client, prefix)
     k = store.keys
     keys = [k.plan(agent), k.trie(agent), k.accumulators(agent)]
-    for key in [agent, *store.learning_keys(agent)]:
+    for key in [agent, *owned_learning_keys(store, agent)]:
         keys += [k.acg_observations(key), k.acg_stability(key)]
     out: dict[str, Any] = {}
     for key, raw in store.get_many(keys).items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -72,6 +73,8 @@ def test_rebuild_drops_keys_the_runs_no_longer_produce(real_store: Store) -> Non
     _learn(real_store, cap.agent_id)
     stale = f"{cap.agent_id}::model=gone::seed=stable-scaffold::system=x::tools=y"
     real_store.client.set(real_store.keys.acg_stability(stale), "{}")
+    # as an earlier commit of this agent would have recorded it
+    real_store.client.sadd(real_store.keys.learning_keys(cap.agent_id), stale)
     result = rebuild(real_store, cap.agent_id, config=CONFIG)
     assert real_store.keys.acg_stability(stale) in result.deleted
     assert real_store.client.get(real_store.keys.acg_stability(stale)) is None
@@ -98,15 +101,56 @@ def test_retention_trims_only_learned_runs_and_keeps_offsets(real_store: Store) 
     assert ingest(real_store, [runs[0]], 8 << 20).duplicates
 
 
-def test_retention_by_age(real_store: Store) -> None:
-    runs = list(synthetic_runs(20, agent_id=AGENT, seed=7))  # 10 s apart from 2026-01-01
+def _set_stored_at(store: Store, agent: str, times: dict[str, float]) -> None:
+    store.client.zadd(store.keys.stored_at(agent), times, xx=True)
+
+
+def test_retention_by_age_goes_by_when_runs_were_stored(real_store: Store) -> None:
+    runs = list(synthetic_runs(20, agent_id=AGENT, seed=7))
     ingest(real_store, runs, 8 << 20)
     _learn(real_store)
-    from storage.timestamps import parse_ns
-
-    now = parse_ns(runs[12]["started_at"])
-    plan = plan_retention(real_store, AGENT, max_runs=None, max_age_s=1, now_ns=now)
+    ids = [r["id"] for r in runs]
+    _set_stored_at(real_store, AGENT, {run_id: 1000.0 + 10 * i for i, run_id in enumerate(ids)})
+    now_ns = int((1000 + 10 * 12 + 1) * 1e9)
+    plan = plan_retention(real_store, AGENT, max_runs=None, max_age_s=1, now_ns=now_ns)
     assert plan.to_drop == 12
+    store_time = real_store.stored_at(AGENT, ids[12:13])[0]
+    assert store_time == 1120.0
+    assert real_store.trim(AGENT, plan.to_drop, now_s=2000, tombstones=100) == 12
+    assert real_store.stored_at(AGENT, ids[:13]) == [None] * 12 + [1120.0]
+
+
+def test_a_run_dated_in_2099_cannot_pin_age_retention(real_store: Store) -> None:
+    runs = list(synthetic_runs(10, agent_id=AGENT, seed=3))
+    runs[0]["started_at"] = "2099-01-01T00:00:00Z"
+    runs[0]["ended_at"] = "2099-01-01T00:00:01Z"
+    before = time.time()
+    ingest(real_store, runs, 8 << 20)
+    after = time.time()
+    _learn(real_store)
+    stored = real_store.stored_at(AGENT, [r["id"] for r in runs])
+    assert all(before - 1 <= t <= after + 1 for t in stored)  # the server's clock, not the run's
+    a_day_later = int((after + 86_400) * 1e9)
+    plan = plan_retention(real_store, AGENT, max_runs=None, max_age_s=3600, now_ns=a_day_later)
+    assert plan.to_drop == 10
+
+
+def test_runs_the_runtime_wrote_itself_age_from_when_retention_first_sees_them(
+    real_store: Store,
+) -> None:
+    cap = load_capture("relay-openai")
+    for raw in cap.runs:
+        run_id = json.loads(raw)["id"]
+        real_store.client.set(real_store.keys.run(cap.agent_id, run_id), raw)
+        real_store.client.rpush(real_store.keys.runs_index(cap.agent_id), run_id)
+    _learn(real_store, cap.agent_id)
+    first_seen = time.time()
+    now_ns = int(first_seen * 1e9)
+    plan = plan_retention(real_store, cap.agent_id, max_runs=None, max_age_s=60, now_ns=now_ns)
+    assert plan.to_drop == 0  # no store time yet: from now on
+    later = int((first_seen + 61) * 1e9)
+    plan = plan_retention(real_store, cap.agent_id, max_runs=None, max_age_s=60, now_ns=later)
+    assert plan.to_drop == len(cap.runs)
 
 
 def _agent_bytes(store: Store, agent: str) -> int:
@@ -144,7 +188,17 @@ def test_discover_finds_runs_written_by_the_runtime_itself(real_store: Store) ->
 
 
 @pytest.mark.parametrize("agent", ["plain", "we*ird[agent]?"])
-def test_learning_keys_scan_is_glob_safe(real_store: Store, agent: str) -> None:
-    real_store.client.set(real_store.keys.acg_stability(f"{agent}::k"), "{}")
+def test_learning_keys_come_from_the_agents_own_set_not_a_glob(
+    real_store: Store, agent: str
+) -> None:
+    cap = load_capture("relay-openai")
+    run = json.loads(cap.runs[0])
+    run["agent_id"] = agent
+    ingest(real_store, [json.dumps(run)], 8 << 20)
+    _learn(real_store, agent)
+    own = real_store.learning_keys(agent)
+    assert own and all(key == agent or key.startswith(f"{agent}::model=") for key in own)
+    # keys that a `{agent}::*` glob would match but that this agent never wrote
+    real_store.client.set(real_store.keys.acg_stability(f"{agent}::zzz"), "{}")
     real_store.client.set(real_store.keys.acg_stability("other::k"), "{}")
-    assert real_store.learning_keys(agent) == [f"{agent}::k"]
+    assert real_store.learning_keys(agent) == own

@@ -321,8 +321,10 @@ def test_bad_input_is_dead_lettered_or_refused_and_good_runs_are_learned(
         return json.dumps(run)
 
     unknown_kind_calls = [dict(template["calls"][0], kind="agent"), *template["calls"][1:]]
+    # The client applies the worker's strict-JSON rule: text that is not JSON
+    # at all is refused on the agent's side (counted), never sent.
+    malformed = '{"id": "' + str(uuid.uuid4()) + '", "agent_id": '
     bad: dict[str, tuple[str, str]] = {  # name -> (payload, a fragment of the reason)
-        "malformed JSON": ('{"id": "' + str(uuid.uuid4()) + '", "agent_id": ', "Invalid JSON"),
         "not an object": ("[1, 2, 3]", "object"),
         "calls not a list": (variant(calls="nope"), "calls"),
         "started_at not a timestamp": (variant(started_at=12345), "started_at"),
@@ -354,7 +356,9 @@ def test_bad_input_is_dead_lettered_or_refused_and_good_runs_are_learned(
         assert client.flush(30)
         for payload, _ in bad.values():
             client.submit_run(payload)
+        client.submit_run(malformed)
         assert client.flush(30)
+        assert client.stats()["invalid"] == 1
 
         # Anyone who can write to the broker could send a pickle body; the
         # worker must refuse it unread (JSON only), whatever task it names.
@@ -376,7 +380,7 @@ def test_bad_input_is_dead_lettered_or_refused_and_good_runs_are_learned(
             "the good runs to be learned",
         )
         wait_until(
-            lambda: real_store.dead_letter_count() >= len(bad) + len(mixed_bad),
+            lambda: real_store.dead_letter_count() >= len(bad) + len(mixed_bad) + 1,
             30,
             "the bad runs dead-lettered",
         )
@@ -403,7 +407,9 @@ def test_bad_input_is_dead_lettered_or_refused_and_good_runs_are_learned(
     assert counters["runs_learned"] == counters["runs_ingested"] == len(good_ids)
 
     dead = [json.loads(d) for d in real_store.dead_letters()]
-    assert len(dead) == len(bad) + len(mixed_bad)
+    assert len(dead) == len(bad) + len(mixed_bad) + 1
+    (refused_pickle,) = [d for d in dead if d["stage"] == "message"]
+    assert "application/x-python-serialize" in refused_pickle["reason"]
     by_raw = {d["raw"]: d for d in dead}
     for value in mixed_bad:
         entry = by_raw.get(json.dumps(value))

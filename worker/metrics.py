@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from storage.connection import connect
+from storage.connection import connect, redis_tls_options
 from storage.store import Store
 from worker.settings import Settings, get_settings
 
@@ -70,6 +70,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "dead_letters": (
         "adaptive_dead_letters",
         "Payloads or runs ever sent to the dead-letter list.",
+    ),
+    "dead_letters_trimmed": (
+        "adaptive_dead_letters_trimmed",
+        "Oldest dead letters dropped to keep the list under its cap.",
+    ),
+    "conflicting_duplicates": (
+        "adaptive_conflicting_duplicates",
+        "Runs resubmitted under a stored run id with different content (first kept).",
     ),
     "learn_tasks": (
         "adaptive_learn_tasks",
@@ -235,6 +243,7 @@ def metrics_store(settings: Settings) -> Store:
         socket_connect_timeout=SCRAPE_CONNECT_TIMEOUT_S,
         socket_timeout=SCRAPE_SOCKET_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),
+        **redis_tls_options(settings.redis_url, settings),
     )
     return Store(client, settings.key_prefix)
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, FilePath, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ADAPTIVE_"
@@ -54,7 +54,24 @@ class Settings(BaseSettings):
         default=500, description="Most runs folded into one learn commit."
     )
     max_run_bytes: PositiveInt = Field(
-        default=8 * 1024 * 1024, description="Largest accepted run record, in bytes of JSON."
+        default=8 * 1024 * 1024,
+        description="Largest accepted run record, in bytes of its encoded JSON (every door).",
+    )
+    max_json_depth: Annotated[int, Field(ge=8, le=256)] = Field(
+        default=128,
+        description="Deepest JSON nesting accepted anywhere (serde_json's own limit is 128).",
+    )
+    dead_letter_raw_max_bytes: Annotated[int, Field(ge=256)] = Field(
+        default=64 * 1024,
+        description="Bytes of the rejected input a dead letter keeps (and its full size).",
+    )
+    dead_letter_max_entries: PositiveInt = Field(
+        default=10_000,
+        description="Dead-letter list cap: the oldest entries are trimmed (and counted) beyond it.",
+    )
+    max_message_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024,
+        description="Workers: largest task message body accepted (checked before decoding).",
     )
     retention_max_runs: PositiveInt | None = Field(
         default=None, description="Keep at most this many runs per agent (unset: keep all)."
@@ -139,6 +156,23 @@ class Settings(BaseSettings):
     metrics_bind: str = Field(
         default="127.0.0.1",
         description="Workers: address the metrics endpoint listens on (0.0.0.0 in a container).",
+    )
+
+    # ---- security (storage/connection.py, worker/celery.py, worker/flower.py)
+    tls_verify: bool = Field(
+        default=True,
+        description=(
+            "Verify the server's certificate and host name on every TLS connection"
+            " (rediss://, amqps://: state, broker, client). false: encrypted but unverified."
+        ),
+    )
+    tls_ca_file: FilePath | None = Field(
+        default=None,
+        description="CA bundle (PEM) TLS certificates are verified against (unset: the system's).",
+    )
+    flower_insecure_no_auth: bool = Field(
+        default=False,
+        description="Let `celery -A worker flower` start without a login (it refuses by default).",
     )
 
     # ---- the agent-side client (tasks/client.py)
@@ -234,6 +268,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported URL scheme {scheme!r} (expected one of {sorted(allowed)})"
             )
+        _check_url_parses(value)
         return value
 
     @field_validator("metrics_port", mode="before")
@@ -241,6 +276,12 @@ class Settings(BaseSettings):
     def _empty_port(cls, value: object) -> object:
         # `ADAPTIVE_METRICS_PORT=` (empty, as compose passes an unset default)
         # means "no endpoint", like 0, rather than an int parsing error.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("tls_ca_file", mode="before")
+    @classmethod
+    def _empty_ca_file(cls, value: object) -> object:
+        # Empty (compose passes unset variables through as empty): the system's CAs.
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("metrics_bind")
@@ -267,6 +308,23 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return self.redis_url or "memory://"
+
+
+def _check_url_parses(url: str) -> None:
+    """A URL that would only fail when first used (`redis://h:notaport`, a bad
+    `?db=`) fails at start instead, with the variable's name and without the
+    URL itself (it may hold a password)."""
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    try:
+        for part in url.split(";"):  # kombu's failover list: url1;url2
+            urlsplit(part.strip()).port  # noqa: B018 - parsing the port is the check
+        if url.split("://", 1)[0] in {"redis", "rediss", "unix"}:
+            parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
 
 
 def load_settings(**overrides: object) -> Settings:

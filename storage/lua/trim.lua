@@ -1,5 +1,6 @@
 -- Retention: drop the oldest learned runs of one agent, atomically.
--- KEYS[1] = cursor hash, KEYS[2] = runs_index, KEYS[3] = tombstone zset.
+-- KEYS[1] = cursor hash, KEYS[2] = runs_index, KEYS[3] = tombstone zset,
+-- KEYS[4] = stored-at zset (its entries for dropped runs go too).
 -- ARGV[1] = run key prefix, ARGV[2] = how many to drop (at most),
 -- ARGV[3] = tombstone score (now, seconds), ARGV[4] = tombstones kept (cap).
 -- Only LEARNED entries are ever dropped (never past learned - base), the
@@ -22,6 +23,7 @@ for i = 1, #ids, 500 do
   end
   redis.call('DEL', unpack(keys))
   redis.call('ZADD', KEYS[3], unpack(members))
+  redis.call('ZREM', KEYS[4], unpack(ids, i, math.min(i + 499, #ids)))
 end
 redis.call('LTRIM', KEYS[2], n, -1)
 redis.call('HINCRBY', KEYS[1], 'base', n)
