@@ -32,6 +32,7 @@ from worker.celery import (
     app,
 )
 from worker.engine.fold import EngineConfig
+from worker.guard import NoArgs, TaskArgs, declare
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,26 @@ LEASE_RECHECK_S = 0.5
 RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def task(name: str, **options: Any) -> Callable[..., Any]:
+def task(name: str, shape: type[TaskArgs] = NoArgs, **options: Any) -> Callable[..., Any]:
     """`app.task` with our common policy: explicit name, no result, and
     connection trouble retried with backoff (anything else is dead-lettered
-    by the functions the tasks call, not raised)."""
+    by the functions the tasks call, not raised).
+
+    `shape` is what the worker's door (worker/guard.py) checks a message's
+    arguments against before Celery sees it: a message whose arguments do
+    not fit is one dead letter, never a crash or a retry loop.
+    """
+    declare(name, shape)
+    # Not shared: Celery would otherwise add these tasks to every app created
+    # in the process (the client's publishing app, a test's app), where they
+    # would replace that app's own task of the same name.
     return app.task(
-        name=name, autoretry_for=RETRY_ON, retry_backoff=True, ignore_result=True, **options
+        name=name,
+        shared=False,
+        autoretry_for=RETRY_ON,
+        retry_backoff=True,
+        ignore_result=True,
+        **options,
     )
 
 
@@ -55,7 +70,11 @@ def task(name: str, **options: Any) -> Callable[..., Any]:
 def _store() -> Store:
     """One store per worker process (redis-py pools reconnect after fork)."""
     settings = get_settings()
-    return Store(connect(settings.redis_url), settings.key_prefix)
+    return Store(
+        connect(settings.redis_url),
+        settings.key_prefix,
+        dead_letter_cap=settings.dead_letter_max_entries,
+    )
 
 
 def _config(settings: Settings) -> EngineConfig:
@@ -78,12 +97,28 @@ def schedule_learn(
     return enqueued
 
 
-@task(INGEST_TASK, retry_backoff_max=60, max_retries=None)
+class IngestArgs(TaskArgs):
+    # A list, but of anything: each payload is validated on its own by
+    # `learning.ingest`, so a bad one is its own dead letter, not the batch's.
+    payloads: list[Any]
+
+
+class AgentArgs(TaskArgs):
+    agent_id: str
+
+
+@task(INGEST_TASK, IngestArgs, retry_backoff_max=60, max_retries=None)
 def ingest_runs(payloads: list[str]) -> dict[str, int]:
     """Validate, store (idempotently) and make sure each agent's learn is pending."""
     settings = get_settings()
     store = _store()
-    result = learning.ingest(store, payloads, settings.max_run_bytes)
+    result = learning.ingest(
+        store,
+        payloads,
+        settings.max_run_bytes,
+        max_depth=settings.max_json_depth,
+        max_raw=settings.dead_letter_raw_max_bytes,
+    )
     schedule_learn(store, result.agents, settings)
     for pos, reason in result.rejected:
         log.warning("rejected run %d of %d: %s", pos + 1, len(payloads), reason)
@@ -94,7 +129,7 @@ def ingest_runs(payloads: list[str]) -> dict[str, int]:
     }
 
 
-@task(LEARN_TASK, retry_backoff_max=30, max_retries=None)
+@task(LEARN_TASK, AgentArgs, retry_backoff_max=30, max_retries=None)
 def learn_agent(agent_id: str) -> dict[str, int]:
     """Learn everything past the agent's offset, within the time budget.
 
@@ -162,7 +197,7 @@ def discover() -> dict[str, int]:
     return {"lagging": len(lagging), "enqueued": len(enqueued)}
 
 
-@task(REBUILD_TASK)
+@task(REBUILD_TASK, AgentArgs)
 def rebuild_agent(agent_id: str) -> dict[str, int]:
     """Recompute one agent's state from its retained runs and swap it in."""
     settings = get_settings()

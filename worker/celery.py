@@ -22,13 +22,15 @@ choices follow from how delivery really behaves (see NOTES-celery.md):
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
+from storage.connection import broker_tls_options
 from storage.keys import OWN
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, SettingsError, get_settings
 
 INGEST_QUEUE = "adaptive.ingest"
 LEARN_QUEUE = "adaptive.learn"
@@ -98,6 +100,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
     app.conf.update(
         broker_url=url,
         broker_transport_options=transport_options(settings, url),
+        # rediss:// / amqps://: verify the certificate (kombu's default for a
+        # rediss:// URL is CERT_NONE); None keeps TLS off on plain URLs.
+        broker_use_ssl=broker_tls_options(url, settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_connect_timeout_s,
         # JSON only, everywhere a serializer is chosen.
@@ -109,6 +114,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # Delivery.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # The door for whole messages: a poison message (bad envelope, body,
+        # nesting or arguments) is dead-lettered and acked, never fatal.
+        worker_consumer="worker.guard:GuardedConsumer",
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
@@ -162,10 +170,45 @@ def create_app(settings: Settings | None = None, *, name: str = "adaptive") -> C
     return configure(app, settings or get_settings())
 
 
+def _loaded_by_celery_command() -> bool:
+    """True while the `celery` command line (worker, beat, flower, inspect...)
+    loads this module: its app loader runs inside celery's click group."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    callback = ctx.find_root().command.callback if ctx is not None else None
+    return getattr(callback, "__module__", None) == "celery.bin.celery"
+
+
+def _module_settings() -> Settings:
+    """The process settings for the module's app.
+
+    Under `celery -A worker ...` a bad setting is one line on stderr naming
+    the variable, and exit status 2: celery's app loader would wrap it in a
+    38-line traceback (a crash loop of them under a restart policy).
+    Imported anywhere else (the client, inside an agent), SettingsError is
+    raised as before: an import must never exit someone else's program.
+    """
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        if not _loaded_by_celery_command():
+            raise
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"adaptive-worker: {message}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+
+
 app = Celery("adaptive")
-configure(app, get_settings())
+configure(app, _module_settings())
 
 # Serve Prometheus metrics from every `celery worker` main process.
 from worker.metrics import install  # noqa: E402 - needs the configured app
 
 install(app)
+
+# `celery -A worker flower`: a login required and loopback by default (worker/flower.py).
+from worker.flower import install as install_flower_defaults  # noqa: E402
+
+install_flower_defaults(get_settings())
