@@ -193,12 +193,16 @@ def test_plan_is_the_captured_plan(learned: Cli, agent: str) -> None:
 @pytest.mark.parametrize("agent", list(SAMPLES))
 def test_hints_are_the_runtimes(learned: Cli, agent: str) -> None:
     trie = capture_of(agent).value("trie")
-    assert learned.json("hints", agent) == default_hints(trie)
+    assert learned.json("hints", agent)["hints"] == default_hints(trie)
     (call_name,) = trie["root"]["children"]
+    assert "deeper" not in trie["root"]["children"][call_name].get("children", {})
     for path, index in [(call_name, 2), (call_name, 1), (f"{call_name}/deeper", 3)]:
         names = tuple(path.split("/"))
         got = learned.json("hints", agent, "--path", path, "--call-index", str(index))
-        assert got == agent_hints(trie, names, index, agent)
+        assert got["hints"] == agent_hints(trie, names, index, agent)
+        assert (got["path"], got["call_index"]) == (list(names), index)
+        assert got["matched_path"] == [call_name]
+        assert got["fallback"] == (path != call_name)
     human = learned("hints", agent)
     assert human.exit_code == 0
     assert "default hints" in human.stdout and call_name in human.stdout
@@ -364,7 +368,8 @@ def test_replay_of_a_missing_or_broken_file_is_exit_2(cli: Cli, tmp_path: Path) 
     assert "cannot read" in line and "No such file" in line
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    assert "line 1: not valid JSON" in one_error_line(cli("replay", str(broken)), EXIT_BAD_INPUT)
+    line = one_error_line(cli("replay", str(broken)), EXIT_BAD_INPUT)
+    assert "broken.jsonl: line 1: " in line and "JSON" in line
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b"\xff\xfe\x00")
     assert "not UTF-8" in one_error_line(cli("replay", str(binary)), EXIT_BAD_INPUT)
@@ -376,7 +381,7 @@ def test_submit_refuses_bad_input_and_sends_nothing(
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(samples_file.read_text() + '{"id": "x"}\n')
     line = one_error_line(cli("submit", str(mixed)), EXIT_BAD_INPUT)
-    assert "record 9" in line and "nothing submitted" in line
+    assert "line 9" in line and "nothing submitted" in line
     one_error_line(cli("submit", str(tmp_path / "missing")), EXIT_BAD_INPUT)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

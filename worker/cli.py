@@ -11,6 +11,10 @@ unavailable (Redis or the broker cannot be reached; for `submit`: runs were
 spooled on disk instead of delivered); 4 not found (unknown agent, nothing
 learned yet, no such dead letter). User mistakes end with one line on
 stderr, never a traceback.
+
+Everything that came from data (agent ids, tool names, payloads, reasons)
+is printed literally: the consoles interpret no markup, and control
+characters and lone surrogates are shown as escapes.
 """
 
 from __future__ import annotations
@@ -19,26 +23,33 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
+import click
 import redis
 import typer
 from kombu.utils.url import maybe_sanitize_url
+from redis.client import NEVER_DECODE
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from storage.connection import connect
 from storage.errors import InvalidRecord
 from storage.models import ExecutionPlan, TrieEnvelope, parse_wire
 from storage.store import Cursor, Store
-from tasks.learning import ingest, learn_agent, validate_payload
+from storage.strictjson import check_depth, check_text, check_value
+from tasks.learning import IngestResult, dead_letter, ingest, learn_agent, validate_payload
 from tasks.maintenance import apply_retention, plan_retention, rebuild
 from worker.engine.fold import EngineConfig
 from worker.engine.latency import agent_hints, default_hints
@@ -53,13 +64,63 @@ dead_letters_app = typer.Typer(
     help="The dead-letter list: payloads and runs that could not be stored or learned.",
 )
 app.add_typer(dead_letters_app, name="dead-letters")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+
+# Characters a terminal would act on rather than show (C0/C1 controls, among
+# them ESC; line and paragraph separators; bidi overrides) and lone
+# surrogates, which cannot even be written out as UTF-8.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_OR_NEWLINE_OK = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _safe(value: object, *, newlines: bool = False) -> str:
+    """`value` as text a terminal shows as it is: unsafe characters become escapes.
+
+    Data (agent ids, payloads, reasons) can hold anything; an ESC sequence
+    would drive the operator's terminal, a lone surrogate would make the
+    write itself fail. Newlines are escaped too unless `newlines` (a
+    multi-line payload), so an error stays one line.
+    """
+    text = value if isinstance(value, str) else str(value)
+    return (_UNSAFE_OR_NEWLINE_OK if newlines else _UNSAFE).sub(_escape, text)
+
+
+class LiteralConsole(Console):
+    """A console that prints every string literally.
+
+    Rich reads `[...]` in strings as markup, so an agent named `[/]` made
+    every table listing it fail and `[bold]x` was shown bold. Here no string
+    is markup or emoji code, and each one passes `_safe` on its way to the
+    terminal (table cells and titles included: they are rendered through
+    `render_str` too). Styling is done with `Text` objects, built from
+    escaped parts.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **options)
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        options["markup"] = False
+        options["emoji"] = False
+        return super().render_str(_safe(text, newlines=True), **options)
+
+
+out = LiteralConsole()
+err = LiteralConsole(stderr=True, soft_wrap=True)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+
+# Most per-record error lines one command prints (the rest: a count).
+MAX_ERROR_LINES = 20
 
 # The embedded default's in-memory broker is polled (kombu's virtual
 # transport sleeps between empty polls, 1 s by default): a short interval
@@ -74,19 +135,35 @@ R = TypeVar("R")
 # ------------------------------------------------------------------ helpers
 
 
+def _error(message: str) -> None:
+    """One `error:` line on stderr (newlines and control characters escaped)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", _safe(message)))
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print `message` as one `error:` line on stderr; raise what this returns."""
+    _error(message)
     return typer.Exit(code)
 
 
+def _note(message: str) -> None:
+    """One `note:` line on stderr: something the operator should know, not a failure."""
+    err.print(Text.assemble(("note:", "bold yellow"), " ", _safe(message)))
+
+
 def _guard(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn what a user can cause (Redis gone mid-command, a corrupt stored
-    value, a bad setting) into one line and an exit code instead of a traceback."""
+    """Turn what a user or hostile data can cause (Redis gone mid-command, a
+    corrupt or undecodable stored value, a bad setting, a bug hit by odd
+    data) into one line and a documented exit code instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # our own exits, and typer's usage errors
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # the same from Celery's command line (`run` starts a worker)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise _fail(f"lost the connection to Redis: {exc}", EXIT_UNAVAILABLE) from None
         except redis.RedisError as exc:
@@ -95,6 +172,13 @@ def _guard(fn: Callable[P, R]) -> Callable[P, R]:
             raise _fail(f"a stored value cannot be read: {exc}", EXIT_FAILED) from None
         except SettingsError as exc:
             raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        except UnicodeDecodeError as exc:
+            message = f"a stored value is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            raise _fail(message, EXIT_FAILED) from None
+        except RecursionError:
+            raise _fail("a value is nested too deeply to process", EXIT_FAILED) from None
+        except Exception as exc:  # the README promises one line, never a traceback
+            raise _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED) from None
 
     return wrapper
 
@@ -112,16 +196,30 @@ def _settings(redis_url: str | None, prefix: str | None, **more: Any) -> Setting
     try:
         return load_settings(**_overrides(redis_url, prefix), **more)
     except SettingsError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        message = str(exc)
+        given = {"--redis-url": ("REDIS_URL", redis_url), "--prefix": ("KEY_PREFIX", prefix)}
+        for option, (name, value) in given.items():
+            if value is not None:  # the value came from the option, not the variable
+                variable = f"{ENV_PREFIX}{name}"
+                message = message.replace(f"{variable}:", f"{option} ({variable}):")
+        raise _fail(message, EXIT_BAD_INPUT) from None
 
 
 def _masked(url: str | None) -> str:
-    """A URL fit for a message: no password."""
-    return "the embedded Redis" if url is None else str(maybe_sanitize_url(url))
+    """A URL fit for a message: no password (also when the URL does not parse)."""
+    if url is None:
+        return "the embedded Redis"
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:
+        return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1**@", url)
 
 
 def _store(settings: Settings) -> Store:
-    client = connect(settings.redis_url)
+    try:
+        client = connect(settings.redis_url)
+    except ValueError as exc:  # the URL itself: bad port, bad query option...
+        raise _fail(f"bad Redis URL {_masked(settings.redis_url)}: {exc}", EXIT_BAD_INPUT) from None
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -134,53 +232,157 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(observation_window=settings.observation_window)
 
 
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _json_text(data: Any, indent: int | None = 2) -> str:
+    """JSON text that can always be written out: a lone surrogate (which a
+    dead letter's payload may hold) is written as its `\\udXXX` escape, which
+    reads back as the same string, instead of failing the write."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False)
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _emit_json(data: Any) -> None:
     """One JSON document on stdout (plain text: no markup, no wrapping)."""
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    typer.echo(_json_text(data))
 
 
-def _wire(raw: str) -> Any:
+def _wire(raw: str | bytes) -> Any:
     return json.loads(raw)
 
 
 class BadInput(ValueError):
-    """A records file that cannot be read; `payloads` holds what came before the fault."""
-
-    def __init__(self, message: str, payloads: list[str]) -> None:
-        super().__init__(message)
-        self.payloads = payloads
+    """A records file that cannot be read at all (nothing in it is usable)."""
 
 
-def read_records(text: str) -> list[str]:
-    """Run payloads from a JSON array or JSON Lines, as JSON strings, in file order."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"not a valid JSON array: {exc}", []) from None
-        return [json.dumps(item) if not isinstance(item, str) else item for item in items]
-    payloads: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record of a records file: where it is, its JSON text, and what is
+    wrong with it (None: it reads as JSON within the limits; whether it is a
+    valid run is for `validate_payload` to say)."""
+
+    where: str  # "line 3" (JSON Lines) or "item 3" (a JSON array)
+    number: int
+    text: str | bytes
+    problem: str | None = None
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Where, for `--json`: {"line": 3} or {"item": 3}."""
+        return {self.where.split()[0]: self.number}
+
+
+def read_records(data: str | bytes, *, max_depth: int, max_bytes: int) -> list[Record]:
+    """The records of a JSON array or JSON Lines file, in file order.
+
+    Each JSON line is judged on its own (a bad one is reported with its line
+    number, the others stay usable). Nesting is checked before anything
+    recursive parses a record (`storage.strictjson`), so a hostile file gets
+    a reason, not a RecursionError. A JSON array is one document: if it
+    cannot be parsed at all, BadInput.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+    if raw.lstrip().startswith(b"["):
+        return _array_records(raw, max_depth=max_depth, max_bytes=max_bytes)
+    records: list[Record] = []
+    # Split bytes, on \n only: str.splitlines would also split inside a JSON
+    # string holding an unescaped U+2028 or U+0085.
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        line = line.removesuffix(b"\r")
         if not line.strip():
             continue
+        where = f"line {number}"
         try:
-            json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"line {number}: not valid JSON: {exc}", payloads) from None
-        payloads.append(line)
-    return payloads
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+            records.append(Record(where, number, line, problem))
+            continue
+        records.append(Record(where, number, text, _json_problem(text, max_depth, max_bytes)))
+    return records
 
 
-def _read_file(file: str) -> str:
-    if file == "-":
-        return sys.stdin.read()
+def _json_problem(text: str, max_depth: int, max_bytes: int) -> str | None:
+    """Why `text` is not one JSON value the runtime could read back (None: it is)."""
     try:
-        return Path(file).read_text(encoding="utf-8")
+        check_text(text, max_depth=max_depth, max_bytes=max_bytes)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or a number Python cannot convert
+        return f"not valid JSON: {exc}"
+    return None
+
+
+def _array_records(raw: bytes, *, max_depth: int, max_bytes: int) -> list[Record]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        check_depth(raw, max_depth=max_depth + 1)  # the array itself is one level
+    except ValueError:
+        raise BadInput(f"a record is nested more than {max_depth} levels deep") from None
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise BadInput(f"not a valid JSON array: {exc}") from None
+    if not isinstance(items, list):
+        raise BadInput("not a JSON array")
+    records = []
+    for number, item in enumerate(items, start=1):
+        where = f"item {number}"
+        try:
+            check_value(item, max_depth=max_depth)
+        except ValueError as exc:  # NaN, a lone surrogate...: kept as text with escapes
+            records.append(Record(where, number, json.dumps(item), str(exc)))
+            continue
+        # An item is a record as an object, or as JSON text in a string.
+        text = item if isinstance(item, str) else _json_text(item, indent=None)
+        records.append(Record(where, number, text, _json_problem(text, max_depth, max_bytes)))
+    return records
+
+
+def _records_or_exit(source: str, file: str, settings: Settings, consequence: str) -> list[Record]:
+    """The file's records, or one line and exit 2 when the file cannot be read at all."""
+    try:
+        return read_records(
+            _read_file(file), max_depth=settings.max_json_depth, max_bytes=settings.max_run_bytes
+        )
+    except BadInput as exc:
+        raise _fail(f"{source}: {exc}; {consequence}", EXIT_BAD_INPUT) from None
+
+
+def _run_problem(payload: str | bytes, settings: Settings) -> str | None:
+    """Why `payload` is not a run record the workers would store (None: it is one)."""
+    try:
+        validate_payload(payload, settings.max_run_bytes, max_depth=settings.max_json_depth)
+    except (InvalidRecord, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _ingest(store: Store, payloads: Sequence[str | bytes], settings: Settings) -> IngestResult:
+    """`tasks.learning.ingest` with this command's limits (the workers' rule)."""
+    return ingest(
+        store,
+        payloads,
+        settings.max_run_bytes,
+        max_depth=settings.max_json_depth,
+        max_raw=settings.dead_letter_raw_max_bytes,
+    )
+
+
+def _read_file(file: str) -> bytes:
+    if file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(file).read_bytes()
     except OSError as exc:
         raise _fail(f"cannot read {file}: {exc.strerror}", EXIT_BAD_INPUT) from None
-    except UnicodeDecodeError as exc:
-        raise _fail(f"cannot read {file}: not UTF-8 text ({exc.reason})", EXIT_BAD_INPUT) from None
 
 
 def _not_found(store: Store, agent: str, what: str) -> typer.Exit:
@@ -232,7 +434,8 @@ def _stable_prefix_spans(store: Store, agent: str, length: int) -> list[str]:
 
 def _table(title: str | None, **options: Any) -> Table:
     """A table at least as wide as its title, so the title stays on one line."""
-    return Table(title=title, title_justify="left", min_width=len(title or ""), **options)
+    width = len(_safe(title or ""))
+    return Table(title=title, title_justify="left", min_width=width, **options)
 
 
 def _kv_table(title: str | None, rows: dict[str, Any]) -> Table:
@@ -240,7 +443,8 @@ def _kv_table(title: str | None, rows: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for name, value in rows.items():
-        table.add_row(name, "-" if value is None else str(value))
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        table.add_row(str(name), "-" if shown is None else str(shown))
     return table
 
 
@@ -520,7 +724,9 @@ def _groups_table(title: str, groups: list[dict[str, Any]]) -> Table:
 
 def _print_agent_report(agent: str, item: dict[str, Any]) -> None:
     out.print()
-    out.rule(f"[bold]{agent}[/]: {item['learned']} of {item['runs']} runs learned")
+    out.rule(
+        Text.assemble((_safe(agent), "bold"), f": {item['learned']} of {item['runs']} runs learned")
+    )
     groups = item["parallel_groups"]
     if groups:
         out.print(_groups_table("tool-parallelism plan", groups))
@@ -536,7 +742,7 @@ def _print_agent_report(agent: str, item: dict[str, Any]) -> None:
         out.print("stable prompt prefix: none learned")
         return
     out.print(
-        f"stable prompt prefix: [bold]{prefix['stable_prefix_length']}[/] blocks over "
+        f"stable prompt prefix: {prefix['stable_prefix_length']} blocks over "
         f"{prefix['total_observations']} observations",
         highlight=False,
     )
@@ -590,24 +796,21 @@ def submit(
     if samples:
         from worker.samples import sample_runs
 
-        payloads = [run for runs in sample_runs().values() for run in runs]
+        runs = [run for runs in sample_runs().values() for run in runs]
+        records = [Record(f"record {n}", n, run) for n, run in enumerate(runs, start=1)]
         source = "the bundled samples"
     else:
         assert file is not None
         source = "stdin" if file == "-" else file
-        try:
-            payloads = read_records(_read_file(file))
-        except BadInput as exc:
-            raise _fail(f"{source}: {exc}; nothing submitted", EXIT_BAD_INPUT) from None
-    if not payloads:
+        records = _records_or_exit(source, file, settings, "nothing submitted")
+    if not records:
         raise _fail(f"{source}: no run records", EXIT_BAD_INPUT)
-    for pos, payload in enumerate(payloads, start=1):
-        try:
-            validate_payload(payload, settings.max_run_bytes)
-        except InvalidRecord as exc:
-            raise _fail(
-                f"{source}: record {pos}: {exc}; nothing submitted", EXIT_BAD_INPUT
-            ) from None
+    for record in records:
+        problem = record.problem or _run_problem(record.text, settings)
+        if problem is not None:
+            message = f"{source}: {record.where}: {problem}; nothing submitted"
+            raise _fail(message, EXIT_BAD_INPUT)
+    payloads = [str(record.text) for record in records]
 
     from tasks.client import RunClient, default_spool_dir
 
@@ -670,21 +873,38 @@ def replay(
 ) -> None:
     """Store and learn run records in file order, in-process (no broker).
 
-    Uses the worker's own storage and commit code. On bad input the runs
-    before the bad one stay stored and learned, the bad one is dead-lettered,
-    and the exit status is non-zero.
+    Uses the worker's own storage and commit code. A record that cannot be
+    used (not JSON, nested too deep, not a valid run...) is skipped and
+    dead-lettered, with its line number (item number in a JSON array) and
+    reason on stderr and under `skipped` in --json; every other record is
+    stored and learned. Exit status 2 if any record was skipped. A file that
+    cannot be read at all (missing, or a JSON array that does not parse)
+    stores nothing and exits 2.
     """
     settings = _settings(redis_url, prefix)
     store = _store(settings)
-    problem: str | None = None
-    try:
-        payloads = read_records(_read_file(file))
-    except BadInput as exc:
-        payloads, problem = exc.payloads, str(exc)
-    result = ingest(store, payloads, settings.max_run_bytes)
-    if result.rejected:
-        pos, reason = result.rejected[0]
-        problem = problem or f"record {pos + 1}: {reason}"
+    source = "stdin" if file == "-" else file
+    records = _records_or_exit(source, file, settings, "nothing stored")
+    good = [r for r in records if r.problem is None]
+    bad = [r for r in records if r.problem is not None]
+    store.push_dead_letters(
+        [
+            dead_letter(
+                r.text,
+                str(r.problem),
+                "replay",
+                max_raw=settings.dead_letter_raw_max_bytes,
+                source=f"{source} {r.where}",
+            )
+            for r in bad
+        ]
+    )
+    result = _ingest(store, [r.text for r in good], settings)
+    # ingest dead-letters the records that are not valid runs itself.
+    bad += [
+        Record(good[pos].where, good[pos].number, "", reason) for pos, reason in result.rejected
+    ]
+    bad.sort(key=lambda r: r.number)
     config = engine_config(settings)
     learned = 0
     keys: set[str] = set()
@@ -695,23 +915,38 @@ def replay(
     summary = {
         "runs_stored": len(result.stored),
         "already_known": len(result.duplicates),
-        "rejected": len(result.rejected),
+        "rejected": len(bad),
+        "conflicting_duplicates": len(result.conflicts),
         "learned": learned,
         "agents": sorted(result.agents),
         "keys_written": sorted(keys),
     }
     if as_json:
-        out.print_json(data=summary)
+        skipped = [{**r.position, "reason": r.problem} for r in bad]
+        _emit_json({**summary, "skipped": skipped})
     else:
-        table = Table(title="replay", show_header=False)
-        for name, value in summary.items():
-            shown = ", ".join(value) if isinstance(value, list) else str(value)
-            if name == "keys_written":
-                shown = str(len(value))
-            table.add_row(name.replace("_", " "), shown)
-        out.print(table)
-    if problem:
-        raise _fail(problem, EXIT_BAD_INPUT)
+        shown = {name.replace("_", " "): value for name, value in summary.items()}
+        shown["keys written"] = len(keys)
+        out.print(_kv_table("replay", shown))
+    problems = [f"{source}: {r.where}: {r.problem}; skipped and dead-lettered" for r in bad]
+    if result.conflicts:
+        ids = ", ".join(run.id for run in result.conflicts[:3])
+        ids += ", ..." if len(result.conflicts) > 3 else ""
+        problems.append(
+            f"{source}: {len(result.conflicts)} runs ({ids}) "
+            "reuse the id of a stored run with other content; the stored one is kept, these "
+            "are dead-lettered"
+        )
+    for line in problems[:MAX_ERROR_LINES]:
+        _error(line)
+    if len(problems) > MAX_ERROR_LINES:
+        more = len(problems) - MAX_ERROR_LINES
+        _error(
+            f"{source}: {more} more records skipped and dead-lettered (see --json, or "
+            "`adaptive-worker dead-letters list`)"
+        )
+    if problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 # ------------------------------------------------------------ learned state
@@ -759,7 +994,7 @@ def agents(redis_url: RedisUrl = None, prefix: Prefix = None, as_json: AsJson = 
         table.add_column(column, justify="right" if right else "left", overflow="fold")
     for row in rows:
         table.add_row(
-            row["agent_id"],
+            str(row["agent_id"]),
             *(str(row[c]) for c in ("runs", "learned", "trimmed", "lag")),
             *("yes" if row[c] else "-" for c in ("plan", "trie", "stability")),
         )
@@ -810,7 +1045,10 @@ def hints(
     Without --path and --call-index: the default hints (the root's
     any-index prediction, what the runtime injects without a better match).
     With either: what the runtime injects for that scope path and call index
-    (`tasks.client.load_hints` gives the same).
+    (`tasks.client.load_hints` gives the same). A path the trie does not
+    have falls back, as in the runtime, to its longest prefix that it has
+    (the root at worst): a note on stderr says so, and --json gives
+    `matched_path` and `fallback`.
     """
     names: tuple[str, ...] = ()
     if path is not None:
@@ -821,14 +1059,30 @@ def hints(
     trie = _trie(store, agent)
     if trie is None:
         raise _not_found(store, agent, "trie")
+    matched = _matched_path(trie, names)
+    fallback = matched != names
     if path is None and call_index is None:
         kind = "default hints"
         value = default_hints(trie)
     else:
         kind = f"hints for path {'/'.join(names) or '(root)'}, call {call_index or 1}"
         value = agent_hints(trie, names, call_index or 1, agent)
+    if fallback:
+        stop = repr("/".join(matched)) if matched else "the root"
+        _note(
+            f"path {'/'.join(names)!r} is not in the trie of agent {agent!r}, which stops at "
+            f"{stop}: these hints come from there, as the runtime's lookup falls back"
+        )
     if as_json:
-        _emit_json(value)
+        _emit_json(
+            {
+                "hints": value,
+                "path": list(names) if path is not None else None,
+                "matched_path": list(matched),
+                "fallback": fallback,
+                "call_index": call_index or (1 if path is not None else None),
+            }
+        )
         return
     if value is None:
         out.print(f"{agent}: no prediction in the trie, so no hints", highlight=False)
@@ -837,6 +1091,21 @@ def hints(
     children = sorted((trie.get("root") or {}).get("children") or {})
     if children:
         out.print(f"paths in the trie: {', '.join(children)}", highlight=False)
+
+
+def _matched_path(trie: dict[str, Any], names: Sequence[str]) -> tuple[str, ...]:
+    """The longest prefix of `names` the trie has: where the runtime's lookup
+    (`worker.engine.latency.lookup`) stops walking."""
+    node = trie.get("root") if isinstance(trie.get("root"), dict) else trie
+    matched: list[str] = []
+    for name in names:
+        children = node.get("children") if isinstance(node, dict) else None
+        child = children.get(name) if isinstance(children, dict) else None
+        if not isinstance(child, dict):
+            break
+        matched.append(name)
+        node = child
+    return tuple(matched)
 
 
 @app.command()
@@ -862,7 +1131,7 @@ def stability(
         )
         return
     out.print(
-        f"stable prompt prefix of {agent}: [bold]{value.stable_prefix_length}[/] blocks over "
+        f"stable prompt prefix of {agent}: {value.stable_prefix_length} blocks over "
         f"{value.total_observations} observations",
         highlight=False,
     )
@@ -917,7 +1186,7 @@ def rebuild_command(
     config = engine_config(settings)
     results: list[dict[str, Any]] = []
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -926,7 +1195,7 @@ def rebuild_command(
     )
     with progress:
         for target in targets:
-            task = progress.add_task(f"rebuild {target}", total=None)
+            task = progress.add_task(_safe(f"rebuild {target}"), total=None)
 
             def step(done: int, total: int, task: Any = task) -> None:
                 progress.update(task, completed=done, total=total)
@@ -1070,24 +1339,45 @@ def retention(
 # -------------------------------------------------------------- dead letters
 
 
-def _parse_entry(index: int, entry: str) -> dict[str, Any]:
-    """One dead-letter entry as a dict; an entry that is not ours is shown as raw."""
+def _parse_entry(index: int, entry: bytes) -> dict[str, Any]:
+    """One dead-letter entry as a dict; an entry that is not ours is shown as raw.
+
+    Anyone who can write to Redis can push to the list, so an entry may be
+    any bytes: not UTF-8, not JSON, or JSON nested past the recursion limit.
+    """
     try:
-        value = json.loads(entry)
-    except ValueError:
+        text = entry.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        reason = f"not a dead-letter entry: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        return {"index": index, "reason": reason, "raw": entry.decode("utf-8", "backslashreplace")}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
-        return {"index": index, "reason": "not a dead-letter entry", "raw": entry}
-    return {"index": index, **value}
+        return {"index": index, "reason": "not a dead-letter entry", "raw": text}
+    return {**value, "index": index}
 
 
-def _entries(store: Store, indexes: Sequence[int]) -> list[tuple[int, str]]:
+def _raw_dead_letters(store: Store, start: int, stop: int) -> list[bytes]:
+    """Entries as stored, undecoded: one entry that is not UTF-8 must not make
+    the whole list unreadable (the store's client decodes every reply)."""
+    key = store.keys.dead_letters()
+    entries: list[bytes] = store.client.execute_command(
+        "LRANGE", key, start, stop, **{NEVER_DECODE: []}
+    )
+    return entries
+
+
+def _entries(store: Store, indexes: Sequence[int]) -> list[tuple[int, bytes]]:
     """(position, entry) for the given positions, or every entry when none are given."""
     if not indexes:
-        return list(enumerate(store.dead_letters()))
+        return list(enumerate(_raw_dead_letters(store, 0, -1)))
     found = []
     for index in indexes:
-        entry = store.dead_letter_at(index)
+        entry = store.client.execute_command(
+            "LINDEX", store.keys.dead_letters(), index, **{NEVER_DECODE: []}
+        )
         if entry is None:
             raise _fail(
                 f"no dead letter at position {index} (the list has {store.dead_letter_count()})",
@@ -1109,10 +1399,14 @@ def dead_letters_list(
     """Entries of the dead-letter list, oldest first (raw payloads with `show`)."""
     store = _store(_settings(redis_url, prefix))
     total = store.dead_letter_count()
-    entries = [_parse_entry(offset + i, e) for i, e in enumerate(store.dead_letters(offset, limit))]
+    stored = _raw_dead_letters(store, offset, offset + limit - 1)
+    entries = [_parse_entry(offset + i, e) for i, e in enumerate(stored)]
     for item in entries:
         raw = item.pop("raw", None)
-        item["raw_bytes"] = len(raw.encode()) if isinstance(raw, str) else 0
+        if not isinstance(item.get("raw_bytes"), int):  # entries record the original size
+            item["raw_bytes"] = (
+                len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else 0
+            )
     if as_json:
         _emit_json({"total": total, "entries": entries})
         return
@@ -1158,14 +1452,24 @@ def dead_letters_show(
         return
     raw = item.pop("raw", None)
     out.print(_kv_table(f"dead letter {pos}", item))
-    if not raw:
+    if raw is None or raw == "":
         out.print("raw payload: (empty)")
         return
     out.print("raw payload:")
+    out.print(_payload_text(raw if isinstance(raw, str) else _json_text(raw)), soft_wrap=True)
+
+
+def _payload_text(raw: str) -> Text:
+    """A raw payload for the terminal: indented and coloured when it is JSON
+    (a lone surrogate shown as its escape), else as it is; never markup, and
+    never a RecursionError for a payload nested deeper than Python recurses."""
     try:
-        out.print_json(raw)
-    except (ValueError, TypeError):
-        out.print(raw, markup=False, highlight=False)
+        shown = _json_text(json.loads(raw))
+    except (ValueError, RecursionError):
+        return Text(_safe(raw, newlines=True))
+    text = Text(_safe(shown, newlines=True))
+    JSONHighlighter().highlight(text)
+    return text
 
 
 @dead_letters_app.command("replay")
@@ -1193,14 +1497,19 @@ def dead_letters_replay(
         item = _parse_entry(pos, entry)
         raw = item.get("raw")
         try:
-            if not isinstance(raw, str) or not raw:
-                raise InvalidRecord("RunRecord", [("", "no payload to replay")])
-            validate_payload(raw, settings.max_run_bytes)
-        except InvalidRecord as exc:
-            still.append({"index": pos, "reason": str(exc)})
+            text = entry.decode("utf-8")
+        except UnicodeDecodeError:
+            still.append({"index": pos, "reason": str(item["reason"])})
             continue
-        valid.append((entry, raw))
-    result = ingest(store, [payload for _, payload in valid], settings.max_run_bytes)
+        if not isinstance(raw, str) or not raw:
+            still.append({"index": pos, "reason": "no payload to replay"})
+            continue
+        problem = _run_problem(raw, settings)
+        if problem is not None:
+            still.append({"index": pos, "reason": problem})
+            continue
+        valid.append((text, raw))
+    result = _ingest(store, [payload for _, payload in valid], settings)
     removed = store.remove_dead_letters([entry for entry, _ in valid])
     config = engine_config(settings)
     learned = sum(
