@@ -42,10 +42,14 @@ RUN uv sync --locked --no-dev --no-editable
 
 FROM ${PYTHON_IMAGE}
 
-# A fixed numeric uid/gid, so orchestrators can verify "not root".
+# A fixed numeric uid/gid, so orchestrators can verify "not root". The
+# state directory (beat's schedule; compose mounts a volume there) belongs to
+# that user: an empty named volume takes the ownership of the image's
+# directory, and a root-owned one would stop beat from saving its schedule.
 RUN groupadd --system --gid 10001 adaptive \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/adaptive \
-        --shell /usr/sbin/nologin adaptive
+        --shell /usr/sbin/nologin adaptive \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/adaptive-worker
 
 COPY --from=build /opt/venv /opt/venv
 

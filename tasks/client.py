@@ -13,8 +13,9 @@ Why it looks like this:
 - Nothing is lost to a broker outage or to the process exiting: what the
   broker did not take goes to a bounded spool on local disk and is replayed
   when the broker answers again. A spool left behind by a process that died
-  or exited during an outage is adopted and replayed by the next client
-  using the same spool directory.
+  or exited during an outage is adopted and replayed by the next client of
+  the same deployment (broker URL without credentials, key prefix, queue)
+  using the same spool directory, never by another deployment's client.
 - Delivery is at-least-once (a batch whose publish timed out may have
   arrived, a spool segment may be replayed twice after a crash); ingest on
   the worker is idempotent per run id, so duplicates cost nothing.
@@ -22,12 +23,15 @@ Why it looks like this:
 Order: runs reach the broker in submission order per client; while the
 spool holds anything, new runs go behind it instead of overtaking it.
 
-Spool layout: `<spool_dir>/<host>-<pid>-<random>/` per client, holding
-`owner.lock` (flock'ed while the owner lives: a directory whose lock can be
-taken belongs to a dead process and may be adopted) and segment files
+Spool layout: `<spool_dir>/<scope>-<host>-<pid>-<random>/` per client,
+where `<scope>` (`spool_scope`) names the deployment, holding `owner.lock`
+(flock'ed while the owner lives: a directory whose lock can be taken belongs
+to a dead process and may be adopted) and segment files
 `NNNNNNNNNNNN.jsonl`, one JSON object per line: `{"agent_id": ..., "run":
-<the submitted JSON text, as a string>}`. Directories are 0700 and files
-0600 because runs carry prompts.
+<the submitted JSON text, as a string>}`. Directories (and the missing
+parents we create) are 0700 and files 0600 because runs carry prompts; a
+spool that another user owns or that group or others can write is never
+adopted (logged, left in place).
 
 fsync policy (`client_spool_fsync`, default on): every spool write (one
 batch of runs) is fsync'ed, and so is the directory when a segment is
@@ -56,6 +60,7 @@ import atexit
 import concurrent.futures.thread  # noqa: F401  (see _warm_up)
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -63,6 +68,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -72,15 +78,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias
 
-import orjson
 import redis
 from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from storage.connection import connect
+from storage import strictjson
+from storage.connection import connect, redis_tls_options
 from storage.errors import InvalidRecord
-from storage.keys import Keys
+from storage.keys import Keys, agent_id_problem
 from storage.models import (
     ExecutionPlan,
     RunRecord,
@@ -146,8 +152,12 @@ class StateUnavailable(ClientError):
     """Strict mode: the learned state could not be read from Redis (the cause is chained)."""
 
 
-# Compact, and refusing NaN/Infinity, which are not JSON and the worker rejects.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# Compact, refusing NaN/Infinity (not JSON; the worker and the runtime refuse
+# them too), and leaving non-ASCII text as is so that a lone surrogate fails
+# the UTF-8 check below instead of becoming an escape the worker must refuse.
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), allow_nan=False, ensure_ascii=False, check_circular=False
+)
 _AGENT_RE = re.compile(r'"agent_id"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 _ORPHAN_SCAN_S = 60.0
 _DROP_LOG_S = 60.0
@@ -165,14 +175,12 @@ def _encode(run: RunInput) -> tuple[str, str | None]:
         return run, None  # type: ignore[return-value]
     if cls is dict:
         try:
-            # orjson: ~5x cheaper than json on a 10 KB run, and this is the
-            # whole cost the agent thread pays (NaN becomes null, as JSON has none).
-            text = orjson.dumps(run).decode()
-        except (TypeError, ValueError, RecursionError, orjson.JSONEncodeError):
-            try:
-                text = _ENCODER.encode(run)  # slower, but names what is wrong
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise _invalid(f"not JSON serializable: {exc}") from None
+            # The C encoder of the standard library: orjson is faster but
+            # turns NaN into null silently, and the one rule on every door
+            # is that NaN/Infinity are refused (storage/strictjson.py).
+            text = _ENCODER.encode(run)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _invalid(f"not JSON serializable: {exc}") from None
         agent = run.get("agent_id")  # type: ignore[union-attr]
         return text, agent if type(agent) is str else None
     if isinstance(run, str):
@@ -192,16 +200,6 @@ def _encode(run: RunInput) -> tuple[str, str | None]:
     if isinstance(run, Mapping):
         return _encode(dict(run))
     raise _invalid(f"expected a dict, JSON text or a model with to_json(), got {cls.__name__}")
-
-
-def _utf8_len_over(text: str, limit: int) -> bool:
-    """Whether `text` is over `limit` bytes of UTF-8, encoding only when in doubt."""
-    n = len(text)
-    if n > limit:
-        return True
-    if n * 4 <= limit:
-        return False
-    return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
 def _agent_of(record: Record) -> str | None:
@@ -284,11 +282,17 @@ class Spool:
     # ---- creation and adoption
 
     @classmethod
-    def create(cls, root: Path, max_bytes: int, fsync: bool) -> Spool:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def create(cls, root: Path, scope: str, max_bytes: int, fsync: bool) -> Spool:
+        """A new spool for this process, named `<scope>-<host>-<pid>-<random>` under `root`.
+
+        The scope (see `spool_scope`) is in the name so that only a client of
+        the same deployment ever adopts it.
+        """
+        _make_private_dirs(root)
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-        path = root / f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        path = root / f"{scope}-{host}-{os.getpid()}-{secrets.token_hex(4)}"
         path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)  # exactly, whatever the umask
         fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if fsync:
@@ -298,22 +302,38 @@ class Spool:
 
     @classmethod
     def adopt(cls, path: Path, max_bytes: int, fsync: bool) -> Spool | None:
-        """Take over the spool of a dead owner, or None if its owner lives (or it vanished)."""
+        """Take over the spool of a dead owner, or None if its owner lives (or it vanished).
+
+        Raises `UnsafeSpool` (nothing taken, nothing deleted) when the
+        directory or one of its files is not ours or is writable by group or
+        others: whoever could write it could make us publish runs of their
+        choosing into this deployment.
+        """
         lock_path = path / _LOCK_NAME
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            _check_private(os.lstat(path), path, directory=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except UnsafeSpool:
+            raise
         except OSError:
             return None
         try:
+            _check_private(os.fstat(fd), lock_path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Another adopter may have emptied and unlinked it meanwhile.
             if os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
                 raise FileNotFoundError(lock_path)
+            seg_paths = sorted(path.glob(_SEGMENT_GLOB))
+            for seg_path in seg_paths:
+                _check_private(os.lstat(seg_path), seg_path)
+        except UnsafeSpool:
+            os.close(fd)
+            raise
         except OSError:
             os.close(fd)
             return None
         spool = cls(path, fd, max_bytes, fsync, writable=False)
-        for seg_path in sorted(path.glob(_SEGMENT_GLOB)):
+        for seg_path in seg_paths:
             data = seg_path.read_bytes()
             runs = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
             spool.segments.append(_Segment(seg_path, runs, len(data)))
@@ -543,7 +563,68 @@ def _fsync_dir(path: Path) -> None:
 
 
 def default_spool_dir() -> Path:
+    """The spool root when `client_spool_dir` is unset; each deployment's
+    spools live in it side by side, told apart by `spool_scope`."""
     return Path.home() / ".cache" / "adaptive-worker" / "spool"
+
+
+def spool_scope(broker_url: str, key_prefix: str, queue: str = INGEST_QUEUE) -> str:
+    """The deployment a spool belongs to, as 16 hex digits (the start of its directory names).
+
+    A spooled run is replayed into whatever broker the adopting client uses,
+    so a spool shared by two deployments (one spool root, two brokers or two
+    key prefixes) published one deployment's runs into the other. The scope
+    is a hash of the broker URL without its credentials (a rotated password
+    must not orphan a spool, and no secret may reach a directory name) and
+    without its query (TLS options do not make another deployment), the key
+    prefix and the ingest queue.
+    """
+    scheme, sep, rest = broker_url.partition("://")
+    if not sep:
+        scheme, rest = "", broker_url
+    location = re.split(r"[?#]", rest, maxsplit=1)[0]
+    netloc, slash, path = location.partition("/")
+    hostport = netloc.rpartition("@")[2].lower()
+    identity = json.dumps([scheme.lower(), hostport, slash + path, key_prefix, queue])
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class UnsafeSpool(OSError):
+    """A spool directory or file that another user owns or could have written."""
+
+
+def _check_private(st: os.stat_result, path: Path, *, directory: bool = False) -> None:
+    """Raise `UnsafeSpool` unless `st` is our own file (or directory) that only we can write."""
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if not kind_ok:
+        kind = "a directory" if directory else "a regular file"
+        raise UnsafeSpool(f"{path} is not {kind} (a symlink or special file?)")
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise UnsafeSpool(f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})")
+    if st.st_mode & 0o022:
+        mode = oct(stat.S_IMODE(st.st_mode))
+        raise UnsafeSpool(f"{path} is writable by group or others (mode {mode})")
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create `path` and every missing parent with mode 0700 (exactly, whatever the umask).
+
+    `Path.mkdir(parents=True, mode=...)` gives the parents the umask's
+    default (usually 0755): the spool holds prompts, and even its directory
+    names tell who spools what.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours to chmod
+        os.chmod(directory, 0o700)
 
 
 # -------------------------------------------------------------------- client
@@ -572,8 +653,10 @@ class RunClient:
         self._max_runs = settings.client_buffer_max_runs
         self._max_bytes = settings.client_buffer_max_bytes
         self._max_run_bytes = settings.max_run_bytes
+        self._max_depth = settings.max_json_depth
         self._overflow: Overflow = settings.client_overflow
         self._spool_root = settings.client_spool_dir or default_spool_dir()
+        self._spool_scope = spool_scope(settings.effective_broker_url, settings.key_prefix, queue)
         self._retry_policy = {
             "max_retries": settings.client_publish_retries,
             "interval_start": 0,
@@ -600,6 +683,7 @@ class RunClient:
         self._app: Celery | None = None
         self._spool: Spool | None = None
         self._adopted: list[Spool] = []
+        self._unsafe_spools: set[Path] = set()
         self._inflight: list[Record] = []
         self._flush_requested = 0
         self._flush_done = 0
@@ -641,10 +725,9 @@ class RunClient:
         """Encode and size-check one run; None (counted) if refused, strict raises."""
         try:
             text, agent = _encode(run)
+            self._check(text, encoded_here=type(run) is dict, agent=agent)
             if self.strict:
                 self._validate(text)
-            elif _utf8_len_over(text, self._max_run_bytes):
-                raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
         except Exception as exc:  # e.g. a model's to_json() failing
             self._refuse(exc)
             return None
@@ -687,10 +770,33 @@ class RunClient:
                 self._append_locked(record)
         self._wake_publisher()
 
+    def _check(self, text: str, *, encoded_here: bool, agent: str | None) -> None:
+        """The worker's own strict-JSON rule, so a run it would refuse is refused here.
+
+        Text we encoded ourselves has no NaN (the encoder refused it), so it
+        only needs the cheap checks; text from the caller is parsed strictly.
+        """
+        try:
+            if encoded_here:
+                raw = strictjson.utf8(text)
+                if len(raw) > self._max_run_bytes:
+                    raise ValueError(f"larger than max_run_bytes ({self._max_run_bytes})")
+                strictjson.check_depth(raw, max_depth=self._max_depth)
+            else:
+                strictjson.check_text(
+                    text, max_depth=self._max_depth, max_bytes=self._max_run_bytes
+                )
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        problem = agent_id_problem(agent) if agent is not None else None
+        if problem:
+            raise InvalidRecord("RunRecord", [("agent_id", problem)])
+
     def _validate(self, text: str) -> None:
-        if _utf8_len_over(text, self._max_run_bytes):
-            raise _invalid(f"larger than max_run_bytes ({self._max_run_bytes})")
-        parse_wire(RunRecord, text)
+        run = parse_wire(RunRecord, text)
+        problem = agent_id_problem(run.agent_id)
+        if problem:
+            raise InvalidRecord("RunRecord", [("agent_id", problem)])
 
     def _refuse(self, exc: Exception) -> None:
         if not isinstance(exc, InvalidRecord):
@@ -1042,6 +1148,7 @@ class RunClient:
                 if self._spool is None or self._spool.closed:
                     self._spool = Spool.create(
                         Path(self._spool_root),
+                        self._spool_scope,
                         self.settings.client_spool_max_bytes,
                         self.settings.client_spool_fsync,
                     )
@@ -1114,10 +1221,16 @@ class RunClient:
                     self._adopted.remove(spool)
 
     def _adopt_orphans(self) -> None:
-        """Take over spools whose owner process is gone (it died or exited during an outage)."""
+        """Take over spools whose owner process is gone (it died or exited during an outage).
+
+        Only spools of this deployment (same `spool_scope`), and only ones
+        this user owns and nobody else can write (refused ones are logged
+        once each, and left as they are).
+        """
         root = Path(self._spool_root)
+        mark = self._spool_scope + "-"
         try:
-            candidates = sorted(p for p in root.iterdir() if p.is_dir())
+            candidates = sorted(p for p in root.iterdir() if p.name.startswith(mark))
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -1132,6 +1245,13 @@ class RunClient:
                     spool = Spool.adopt(
                         path, self.settings.client_spool_max_bytes, self.settings.client_spool_fsync
                     )
+                except UnsafeSpool as exc:
+                    if path not in self._unsafe_spools:
+                        self._unsafe_spools.add(path)
+                        self._errors += 1
+                        self._last_error = f"spool: {exc}"
+                        log.error("not adopting the spool %s: %s", path, exc)
+                    continue
                 except OSError as exc:
                     log.warning("cannot adopt the spool %s: %s", path, exc)
                     continue
@@ -1202,6 +1322,7 @@ def _state_client(settings: Settings) -> redis.Redis:
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         retry_on_timeout=False,
+        **redis_tls_options(settings.redis_url, settings),  # rediss://: verified
     )
 
 

@@ -30,9 +30,11 @@ import redis
 import tasks.client as client_module
 from storage.errors import InvalidRecord
 from storage.models import RunRecord, parse_wire
-from tasks.client import BufferFull, RunClient
+from tasks.client import BufferFull, RunClient, spool_scope
 from tests.conftest import AMQP_URL, needs_rabbitmq
 from tests.goldens import load_capture
+from tests.hostile import violations
+from tests.private_redis import PrivateRedis, private_redis
 from worker.celery import INGEST_QUEUE, INGEST_TASK, broker_key_prefix
 from worker.settings import Settings, load_settings
 
@@ -128,6 +130,19 @@ def prefix(rds: redis.Redis) -> Iterator[str]:
 @pytest.fixture
 def spool(tmp_path: Path) -> Path:
     return tmp_path / "spool"
+
+
+@pytest.fixture
+def outage(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A broker of the test's own, down until the test starts it: the same URL
+    before and after, as a spool is replayed only into its own deployment."""
+    with private_redis(tmp_path, db=15, started=False) as server:
+        yield server
+
+
+def owner_dir(spool: Path, settings: Settings, name: str) -> Path:
+    """Where a client of `settings` looks for other owners' spools."""
+    return spool / f"{spool_scope(settings.effective_broker_url, settings.key_prefix)}-{name}"
 
 
 @pytest.fixture
@@ -227,15 +242,23 @@ BAD_INPUTS: list[Any] = [
 ]
 
 
-def test_nan_is_sent_as_null(
+def test_the_client_refuses_what_the_worker_would(
     rds: redis.Redis, prefix: str, spool: Path, clients: list[RunClient]
 ) -> None:
-    """JSON has no NaN: like JSON.stringify, the client sends null (orjson's behaviour)."""
+    """One strict-JSON rule on every door: NaN/Infinity, lone surrogates, deep
+    nesting and colliding agent ids are refused here too, never sent as null."""
+    bad = violations()
     c = new_client(clients, make_settings(prefix, spool))
-    c.submit_run({**run(7), "value": float("nan")})
+    c.submit_runs([run(1), *bad.values(), run(2)])
     assert c.flush(10)
-    (payload,) = payloads(ingest_messages(rds, prefix))
-    assert json.loads(payload)["value"] is None
+    got = payloads(ingest_messages(rds, prefix))
+    assert [json.loads(p).get("seq") for p in got] == [1, 2]
+    assert c.stats()["invalid"] == len(bad)
+    strict = new_client(clients, make_settings(prefix, spool), strict=True)
+    for name, value in bad.items():
+        with pytest.raises(InvalidRecord):
+            strict.submit_run(value)
+        assert strict.stats()["invalid"] == list(bad).index(name) + 1
 
 
 def test_strict_mode_raises_on_the_agent_thread(
@@ -308,9 +331,9 @@ def test_a_full_buffer_drops_by_policy_and_counts(
 
 
 def test_outage_spools_and_the_next_client_replays(
-    rds: redis.Redis, prefix: str, spool: Path, clients: list[RunClient]
+    outage: PrivateRedis, prefix: str, spool: Path, clients: list[RunClient]
 ) -> None:
-    down = new_client(clients, make_settings(prefix, spool, broker=DOWN))
+    down = new_client(clients, make_settings(prefix, spool, broker=outage.url))
     runs = [run(i, agent=f"agent-{i % 2}") for i in range(30)]
     for r in runs[:10]:
         down.submit_run(r)  # never raises although nothing listens
@@ -330,9 +353,10 @@ def test_outage_spools_and_the_next_client_replays(
     assert down.close() is False  # the spool stays for whoever comes next
     assert len(spool_lines(spool)) == 30
 
-    up = new_client(clients, make_settings(prefix, spool))
+    outage.start()
+    up = new_client(clients, make_settings(prefix, spool, broker=outage.url))
     assert up.flush(10)
-    assert [json.loads(p) for p in payloads(ingest_messages(rds, prefix))] == runs
+    assert [json.loads(p) for p in payloads(ingest_messages(outage.client(), prefix))] == runs
     s = up.stats()
     assert (s["replayed"], s["published"], s["submitted"]) == (30, 30, 0)
     assert list(spool.iterdir()) == []  # the adopted spool is gone once replayed
@@ -341,7 +365,8 @@ def test_outage_spools_and_the_next_client_replays(
 def test_a_live_owners_spool_is_left_alone(
     rds: redis.Redis, prefix: str, spool: Path, clients: list[RunClient]
 ) -> None:
-    owned = spool / "otherhost-1-abcd"
+    settings = make_settings(prefix, spool)
+    owned = owner_dir(spool, settings, "otherhost-1-abcd")
     owned.mkdir(parents=True)
     (owned / "000000000001.jsonl").write_text(
         json.dumps({"agent_id": "a", "run": json.dumps(run(7))}) + "\n"
@@ -349,7 +374,7 @@ def test_a_live_owners_spool_is_left_alone(
     fd = os.open(owned / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the owner is alive
     try:
-        c = new_client(clients, make_settings(prefix, spool))
+        c = new_client(clients, settings)
         c.submit_run(run(1))
         assert c.flush(10)
         assert seqs(payloads(ingest_messages(rds, prefix))) == [1]
@@ -365,13 +390,14 @@ def test_a_live_owners_spool_is_left_alone(
 def test_a_crashed_owners_torn_spool_is_replayed_without_its_damage(
     rds: redis.Redis, prefix: str, spool: Path, clients: list[RunClient]
 ) -> None:
-    crashed = spool / "host-99999-dead"
+    settings = make_settings(prefix, spool)
+    crashed = owner_dir(spool, settings, "host-99999-dead")
     crashed.mkdir(parents=True)
     (crashed / "owner.lock").touch()
     good = [json.dumps({"agent_id": "a", "run": json.dumps(run(i))}) for i in (1, 2)]
     (crashed / "000000000001.jsonl").write_text(good[0] + "\n" + "{not json\n")
     (crashed / "000000000002.jsonl").write_text(good[1] + "\n" + good[1][:25])  # torn write
-    c = new_client(clients, make_settings(prefix, spool))
+    c = new_client(clients, settings)
     assert c.flush(10)
     assert seqs(payloads(ingest_messages(rds, prefix))) == [1, 2]
     s = c.stats()
@@ -406,10 +432,10 @@ def test_a_full_spool_drops_by_policy_and_counts(
 
 
 def test_a_long_outage_keeps_the_newest_runs_across_segments(
-    rds: redis.Redis, prefix: str, spool: Path, clients: list[RunClient]
+    outage: PrivateRedis, prefix: str, spool: Path, clients: list[RunClient]
 ) -> None:
     # 200 KB spool in 64 KiB segments: whole old segments go, then single lines.
-    settings = make_settings(prefix, spool, broker=DOWN, client_spool_max_bytes=200_000)
+    settings = make_settings(prefix, spool, broker=outage.url, client_spool_max_bytes=200_000)
     down = new_client(clients, settings)
     for start in range(0, 500, 50):  # ten spool writes of ~55 KB
         down.submit_runs([run(i, pad=900) for i in range(start, start + 50)])
@@ -420,9 +446,10 @@ def test_a_long_outage_keeps_the_newest_runs_across_segments(
     assert len(list(spool.glob("*/*.jsonl"))) > 1
     down.close()
 
-    up = new_client(clients, make_settings(prefix, spool))
+    outage.start()
+    up = new_client(clients, make_settings(prefix, spool, broker=outage.url))
     assert up.flush(10)
-    assert seqs(payloads(ingest_messages(rds, prefix))) == list(range(500 - live, 500))
+    assert seqs(payloads(ingest_messages(outage.client(), prefix))) == list(range(500 - live, 500))
     assert up.stats()["replayed"] == live
 
 
@@ -527,22 +554,22 @@ def test_exit_without_flush_delivers(rds: redis.Redis, prefix: str, spool: Path)
 
 
 def test_exit_during_an_outage_leaves_a_spool_the_next_process_replays(
-    rds: redis.Redis, prefix: str, spool: Path
+    outage: PrivateRedis, prefix: str, spool: Path
 ) -> None:
     env = {
-        "ADAPTIVE_REDIS_URL": DOWN,
+        "ADAPTIVE_REDIS_URL": outage.url,
         "ADAPTIVE_KEY_PREFIX": prefix,
         "ADAPTIVE_CLIENT_SPOOL_DIR": str(spool),
     }
     done = _python(EXIT_SCRIPT, env)
     assert done.returncode == 0, done.stderr
     assert [json.loads(x["run"])["seq"] for x in spool_lines(spool)] == list(range(20))
-    assert ingest_messages(rds, prefix) == []
 
-    env["ADAPTIVE_REDIS_URL"] = REDIS
+    outage.start()
+    assert ingest_messages(outage.client(), prefix) == []
     done = _python("from tasks.client import flush; assert flush(10)", env)
     assert done.returncode == 0, done.stderr
-    assert seqs(payloads(ingest_messages(rds, prefix))) == list(range(20))
+    assert seqs(payloads(ingest_messages(outage.client(), prefix))) == list(range(20))
     assert list(spool.iterdir()) == []
 
 
