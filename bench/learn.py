@@ -22,7 +22,7 @@ import redis
 from bench.workload import synthetic_runs
 from storage.models import RunRecord, parse_wire
 from storage.store import Store
-from tasks.learning import ingest, learn_agent
+from tasks.learning import catch_up, ingest
 from worker.engine.fold import AgentState, EngineConfig, fold
 
 
@@ -49,7 +49,7 @@ def interleaved_costs(
         for agent, run in zip(agents, pair, strict=True):
             t0 = time.perf_counter()
             ingest(store, [run], 8 << 20)
-            learn_agent(store, agent, max_runs=1, config=config)
+            catch_up(store, agent, max_runs=1, config=config)
             times[agent].append(time.perf_counter() - t0)
     return {a: statistics.median(t) for a, t in times.items()}
 
@@ -76,11 +76,11 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(0, args.history, 1000):
             ingest(store, history[i : i + 1000], 8 << 20)
-            learn_agent(store, late, max_runs=500, config=config)
+            catch_up(store, late, max_runs=500, config=config)
         bulk = args.history / (time.perf_counter() - t0)
         young = list(synthetic_runs(100 + args.probes, agent_id=early, seed=3))
         ingest(store, young[:100], 8 << 20)
-        learn_agent(store, early, max_runs=500, config=config)
+        catch_up(store, early, max_runs=500, config=config)
         probes = {late: history[args.history :], early: young[100:]}
         cost = interleaved_costs(store, (early, late), probes, config)
         print(f"store+learn, batches of 500: {bulk:8.0f} runs/s (ingest included)")

@@ -10,18 +10,24 @@ ours.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-RUNTIME_KINDS = (
-    "runs",
-    "runs_index",
-    "plan",
-    "trie",
-    "accumulators",
-    "acg_observations",
-    "acg_stability",
+# The runtime's layout is part of the agent/worker contract: defined once in
+# the client package, built here from its templates.
+from adaptive_worker_client.contract import (
+    CURSOR_KEY_TEMPLATE,
+    LEARNING_KEY_SEPARATOR,
+    OWN,
+    RUNTIME_KEY_TEMPLATES,
+    agent_id_problem,
+    broker_key_prefix,
 )
-OWN = "adaptive_worker"
+
+__all__ = ["LEARNING_KEY_SEPARATOR", "OWN", "RUNTIME_KINDS", "Keys", "agent_id_problem"]
+
+RUNTIME_KINDS = tuple(RUNTIME_KEY_TEMPLATES)
+_T = RUNTIME_KEY_TEMPLATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,34 +36,34 @@ class Keys:
 
     # ---- the runtime's layout
     def run(self, agent_id: str, run_id: str) -> str:
-        return f"{self.prefix}runs:{agent_id}:{run_id}"
+        return _T["runs"].format(prefix=self.prefix, agent_id=agent_id, run_id=run_id)
 
     def run_key_prefix(self, agent_id: str) -> str:
         """`run(agent, id)` is this plus the run id (used inside Lua scripts)."""
-        return f"{self.prefix}runs:{agent_id}:"
+        return _T["runs"].format(prefix=self.prefix, agent_id=agent_id, run_id="")
 
     def runs_index(self, agent_id: str) -> str:
-        return f"{self.prefix}runs_index:{agent_id}"
+        return _T["runs_index"].format(prefix=self.prefix, agent_id=agent_id)
 
     def plan(self, agent_id: str) -> str:
-        return f"{self.prefix}plan:{agent_id}"
+        return _T["plan"].format(prefix=self.prefix, agent_id=agent_id)
 
     def trie(self, agent_id: str) -> str:
-        return f"{self.prefix}trie:{agent_id}"
+        return _T["trie"].format(prefix=self.prefix, agent_id=agent_id)
 
     def accumulators(self, agent_id: str) -> str:
-        return f"{self.prefix}accumulators:{agent_id}"
+        return _T["accumulators"].format(prefix=self.prefix, agent_id=agent_id)
 
     def acg_observations(self, key: str) -> str:
         """`key` is a learning key, or the plain agent id for the seed profile."""
-        return f"{self.prefix}acg_observations:{key}"
+        return _T["acg_observations"].format(prefix=self.prefix, key=key)
 
     def acg_stability(self, key: str) -> str:
-        return f"{self.prefix}acg_stability:{key}"
+        return _T["acg_stability"].format(prefix=self.prefix, key=key)
 
     def runs_index_pattern(self) -> str:
         """SCAN pattern matching every agent's run index."""
-        return f"{_glob_escape(self.prefix)}runs_index:*"
+        return _T["runs_index"].format(prefix=_glob_escape(self.prefix), agent_id="*")
 
     # ---- ours
     def cursor(self, agent_id: str) -> str:
@@ -66,7 +72,7 @@ class Keys:
         `base` is how many index entries retention has trimmed from the front,
         so absolute offsets stay meaningful: list position = offset - base.
         """
-        return f"{self.prefix}{OWN}:cursor:{agent_id}"
+        return CURSOR_KEY_TEMPLATE.format(prefix=self.prefix, agent_id=agent_id)
 
     def pending(self, agent_id: str) -> str:
         """Marker (SET NX EX) meaning: a learn for this agent is already queued."""
@@ -101,7 +107,7 @@ class Keys:
         """Scratch key `n` of a rebuild in progress, swapped in by RENAME."""
         return f"{self.prefix}{OWN}:staging:{n}:{agent_id}"
 
-    def learning_keys(self, agent_id: str) -> str:
+    def learning_key_set(self, agent_id: str) -> str:
         """Set of the agent's ACG learning keys (`{agent}::model=...`) with state.
 
         Rebuild and retention enumerate an agent's windows from this set,
@@ -118,27 +124,39 @@ class Keys:
         """
         return f"{self.prefix}{OWN}:stored_at:{agent_id}"
 
+    def verified(self, agent_id: str) -> str:
+        """Hash: the last clean foreign-write check (`version`, `digests` JSON), see tasks.mixed."""
+        return f"{self.prefix}{OWN}:verified:{agent_id}"
+
+    def broker_prefix(self) -> str:
+        """Prefix of every broker key on a Redis broker (kombu `global_keyprefix`).
+
+        Under our own segment, so queues and unacked bookkeeping never meet
+        the runtime's keys. Defined by the contract: the publishing client
+        must agree on it.
+        """
+        return broker_key_prefix(self.prefix)
+
+    def agent_state(self, agent_id: str, learning_keys: Iterable[str] = ()) -> list[str]:
+        """Every learned-state key of the agent: plan, accumulators, trie, the seed
+        profile's window and stability, and the window and stability of each
+        of `learning_keys` (which the caller names exactly, never by a glob)."""
+        keys = [self.plan(agent_id), self.accumulators(agent_id), self.trie(agent_id)]
+        keys += [self.acg_observations(agent_id), self.acg_stability(agent_id)]
+        for key in learning_keys:
+            keys += [self.acg_observations(key), self.acg_stability(key)]
+        return list(dict.fromkeys(keys))
+
+    def runtime_kind(self, key: str) -> str | None:
+        """Which runtime kind `key` (a full key) is, or None (ours, or not under the prefix)."""
+        if not key.startswith(self.prefix):
+            return None
+        kind = key[len(self.prefix) :].split(":", 1)[0]
+        return kind if kind in RUNTIME_KINDS else None
+
     def all_pattern(self) -> str:
         """SCAN pattern for every key under the prefix, the runtime's and ours."""
         return f"{_glob_escape(self.prefix)}*"
-
-
-LEARNING_KEY_SEPARATOR = "::"
-
-
-def agent_id_problem(agent_id: str) -> str | None:
-    """Why `agent_id` cannot be accepted, or None.
-
-    The runtime names an agent's ACG learning keys `{agent}::model=...` and
-    its seed profile plain `{agent}` (SPEC section 2), so an agent whose id
-    contains `::` could equal another agent's learning key and overwrite
-    its window. No other character can make two agents' keys meet: every
-    other key ends with the agent id after a fixed word, or with the agent
-    id and a run UUID. Keys are binary-safe, so anything else is fine.
-    """
-    if LEARNING_KEY_SEPARATOR in agent_id:
-        return "must not contain '::' (it separates an agent id from its ACG learning keys)"
-    return None
 
 
 def _glob_escape(text: str) -> str:

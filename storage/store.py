@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.client import NEVER_DECODE
 
 from storage.keys import Keys
 from storage.models import (
@@ -264,7 +265,7 @@ class Store:
             self.keys.cursor(agent_id),
             self.keys.dead_letters(),
             self.keys.counters(),
-            self.keys.learning_keys(agent_id),
+            self.keys.learning_key_set(agent_id),
             *writes.keys(),
         ]
         args: list[str | int] = [
@@ -312,7 +313,7 @@ class Store:
         for stage, target in staged.items():
             pipe.set(stage, values[target], ex=3600)  # a crashed rebuild leaves no litter
         pipe.execute()
-        keys = [self.keys.cursor(agent_id), self.keys.learning_keys(agent_id)]
+        keys = [self.keys.cursor(agent_id), self.keys.learning_key_set(agent_id)]
         for stage, target in staged.items():
             keys += [stage, target]
         keys += [k for k in delete if k not in values]
@@ -321,7 +322,48 @@ class Store:
 
     def learning_keys(self, agent_id: str) -> list[str]:
         """The agent's ACG learning keys with state, from its own set (never a glob)."""
-        return sorted(self.client.smembers(self.keys.learning_keys(agent_id)))
+        return sorted(self.client.smembers(self.keys.learning_key_set(agent_id)))
+
+    def state_keys(self, agent_id: str) -> list[str]:
+        """Every learned-state key of the agent, its learning keys from its own set."""
+        return self.keys.agent_state(agent_id, self.learning_keys(agent_id))
+
+    def state_presence(self, agent_ids: Sequence[str]) -> dict[str, dict[str, bool]]:
+        """Per agent, whether its plan, trie and (seed) stability exist: one round trip."""
+        if not agent_ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for agent in agent_ids:
+            pipe.exists(self.keys.plan(agent))
+            pipe.exists(self.keys.trie(agent))
+            pipe.exists(self.keys.acg_stability(agent))
+        flags = pipe.execute()
+        return {
+            agent: {
+                "plan": bool(flags[3 * i]),
+                "trie": bool(flags[3 * i + 1]),
+                "stability": bool(flags[3 * i + 2]),
+            }
+            for i, agent in enumerate(agent_ids)
+        }
+
+    # --------------------------------------------------- foreign-write checks
+    def verified_record(self, agent_id: str) -> tuple[int, dict[str, str]] | None:
+        """The last clean foreign-write check: (state version, key -> digest), or None."""
+        record = self.client.hgetall(self.keys.verified(agent_id))
+        if not record:
+            return None
+        digests: dict[str, str] = orjson.loads(record["digests"])
+        return int(record.get("version", -1)), digests
+
+    def record_verified(self, agent_id: str, version: int, digests: Mapping[str, str]) -> None:
+        self.client.hset(
+            self.keys.verified(agent_id),
+            mapping={"version": version, "digests": orjson.dumps(dict(digests)).decode()},
+        )
+
+    def forget_verified(self, agent_id: str) -> None:
+        self.client.delete(self.keys.verified(agent_id))
 
     # --------------------------------------------------------- dead letters
     def push_dead_letters(self, entries: Sequence[str]) -> int:
@@ -347,6 +389,22 @@ class Store:
     def dead_letter_at(self, index: int) -> str | None:
         """The entry at list position `index` (negative counts from the end), or None."""
         entry: str | None = self.client.lindex(self.keys.dead_letters(), index)
+        return entry
+
+    def dead_letters_raw(self, start: int = 0, count: int = -1) -> list[bytes]:
+        """Entries as stored, undecoded: one entry that is not UTF-8 must not make
+        the whole list unreadable (the client decodes every other reply)."""
+        stop = -1 if count < 0 else start + count - 1
+        entries: list[bytes] = self.client.execute_command(
+            "LRANGE", self.keys.dead_letters(), start, stop, **{NEVER_DECODE: []}
+        )
+        return entries
+
+    def dead_letter_raw_at(self, index: int) -> bytes | None:
+        """`dead_letter_at`, undecoded."""
+        entry: bytes | None = self.client.execute_command(
+            "LINDEX", self.keys.dead_letters(), index, **{NEVER_DECODE: []}
+        )
         return entry
 
     def remove_dead_letters(self, entries: Sequence[str]) -> int:
@@ -401,6 +459,11 @@ class Store:
     def clear_pending(self, agent_id: str) -> None:
         self.client.delete(self.keys.pending(agent_id))
 
+    def get_raw(self, key: str) -> str | None:
+        """The stored JSON text of one key (built with `self.keys`), as written."""
+        raw: str | None = self.client.get(key)
+        return raw
+
     def get_many(self, keys: Sequence[str]) -> dict[str, str | None]:
         if not keys:
             return {}
@@ -408,7 +471,7 @@ class Store:
 
     # ------------------------------------------------------ learned state
     def _get_model(self, key: str, model: type[WireModel]) -> Any:
-        raw = self.client.get(key)
+        raw = self.get_raw(key)
         return None if raw is None else parse_wire(model, raw)
 
     def get_plan(self, agent_id: str) -> ExecutionPlan | None:

@@ -66,15 +66,16 @@ def task(name: str, shape: type[TaskArgs] = NoArgs, **options: Any) -> Callable[
     )
 
 
-@cache
 def _store() -> Store:
-    """One store per worker process (redis-py pools reconnect after fork)."""
+    """One store per worker process (redis-py pools reconnect after fork), for
+    the current settings: the command line may install others in-process."""
     settings = get_settings()
-    return Store(
-        connect(settings.redis_url),
-        settings.key_prefix,
-        dead_letter_cap=settings.dead_letter_max_entries,
-    )
+    return _store_for(settings.redis_url, settings.key_prefix, settings.dead_letter_max_entries)
+
+
+@cache
+def _store_for(redis_url: str | None, key_prefix: str, dead_letter_cap: int) -> Store:
+    return Store(connect(redis_url), key_prefix, dead_letter_cap=dead_letter_cap)
 
 
 def _config(settings: Settings) -> EngineConfig:
@@ -151,7 +152,7 @@ def learn_agent(agent_id: str) -> dict[str, int]:
     while store.acquire_lease(agent_id, token, lease_ms):
         first = False
         try:
-            summary = learning.learn_agent(
+            summary = learning.catch_up(
                 store,
                 agent_id,
                 max_runs=settings.learn_batch_size,

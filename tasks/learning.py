@@ -25,6 +25,7 @@ from storage.store import Store, dumps, loads_or_none
 from storage.strictjson import DEFAULT_MAX_DEPTH
 from storage.timestamps import format_ns
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
+from worker.engine.records import Call, Run
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,46 @@ def written_learning_keys(changes: Changes) -> list[str]:
     return sorted({*changes.observations, *changes.stability})
 
 
+def engine_run(record: RunRecord) -> Run:
+    """The engine's view of a validated wire record (the engine knows no wire model)."""
+    return Run(
+        id=record.id,
+        start_ns=record.start_ns,
+        end_ns=record.end_ns,
+        calls=tuple(
+            Call(
+                kind=c.kind,
+                name=c.name,
+                start_ns=c.start_ns,
+                end_ns=c.end_ns,
+                output_tokens=c.output_tokens,
+                annotated_request=c.annotated_request,
+            )
+            for c in record.calls
+        ),
+    )
+
+
+def learnable_run(agent: str, raw: str | None) -> Run | str:
+    """The run as the engine folds it, or why learning skips it (a dead letter's reason).
+
+    The one rule for which stored runs count: learning, rebuild and the
+    foreign-write check all apply it, so a rebuild or a check re-folds
+    exactly the runs learning learned. Runs in the index passed the full
+    check on ingest (or were written by the runtime itself), so the deep
+    check of recorded requests is skipped (`trusted`).
+    """
+    if raw is None:
+        return "run key missing"
+    try:
+        run = parse_wire(RunRecord, raw, trusted=True)
+    except InvalidRecord as exc:
+        return str(exc)
+    if run.agent_id != agent:
+        return f"run belongs to agent {run.agent_id!r}, found in {agent!r}'s index"
+    return engine_run(run)
+
+
 def learn_step(
     store: Store,
     agent: str,
@@ -302,22 +343,14 @@ def learn_step(
     cursor = batch.cursor
     if not batch.run_ids:
         return StepResult(0, 0, 0, True, True)
-    runs: list[RunRecord] = []
+    runs: list[Run] = []
     dead: list[str] = []
     for run_id, raw in zip(batch.run_ids, batch.runs, strict=True):
-        if raw is None:
-            dead.append(dead_letter("", "run key missing", "learn", agent_id=agent, run_id=run_id))
-            continue
-        try:
-            run = parse_wire(RunRecord, raw, trusted=True)
-        except InvalidRecord as exc:
-            dead.append(dead_letter(raw, str(exc), "learn", agent_id=agent, run_id=run_id))
-            continue
-        if run.agent_id != agent:
-            reason = f"run belongs to agent {run.agent_id!r}, found in {agent!r}'s index"
-            dead.append(dead_letter(raw, reason, "learn", agent_id=agent, run_id=run_id))
-            continue
-        runs.append(run)
+        run = learnable_run(agent, raw)
+        if isinstance(run, str):
+            dead.append(dead_letter(raw or "", run, "learn", agent_id=agent, run_id=run_id))
+        else:
+            runs.append(run)
     learning_keys = required_windows(agent, runs)
     window_raw = store.get_many([k.acg_observations(key) for key in learning_keys])
     state = AgentState(
@@ -360,7 +393,7 @@ class LearnSummary:
     keys_written: set[str] = field(default_factory=set)
 
 
-def learn_agent(
+def catch_up(
     store: Store,
     agent: str,
     *,

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from storage.models import RunRecord, parse_wire
 from storage.store import Cursor, Store
-from tasks.learning import state_writes, written_learning_keys
+from tasks.learning import learnable_run, state_writes, written_learning_keys
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
+from worker.engine.records import Run
 
 
 # -------------------------------------------------------------------- discover
@@ -41,11 +41,48 @@ def owned_learning_keys(store: Store, agent: str, chunk: int = 500) -> list[str]
     total = store.cursor(agent).index_length
     for pos in range(0, total, chunk):
         rows = store.read_runs(agent, pos, chunk)
-        runs = [parse_wire(RunRecord, raw, trusted=True) for _, raw in rows if raw is not None]
-        keys.update(
-            dict.fromkeys(required_windows(agent, [r for r in runs if r.agent_id == agent]))
-        )
+        keys.update(dict.fromkeys(required_windows(agent, _learnable(agent, rows))))
     return sorted(keys)
+
+
+# --------------------------------------------------------------------- re-fold
+def _learnable(agent: str, rows: list[tuple[str, str | None]]) -> list[Run]:
+    """The runs among `rows` that learning learns (`learning.learnable_run`)."""
+    runs = [learnable_run(agent, raw) for _, raw in rows]
+    return [run for run in runs if not isinstance(run, str)]
+
+
+def refold(
+    store: Store,
+    agent: str,
+    upto: int,
+    *,
+    config: EngineConfig,
+    chunk: int = 500,
+    clock: Callable[[], str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Changes, int]:
+    """Fold the agent's first `upto` retained index entries from empty state.
+
+    Returns what the fold produced and how many entries it read (fewer than
+    `upto` if the index is shorter). Chunked, so memory stays bounded by
+    `chunk` runs; the fold is the one incremental learning uses, and runs
+    learning skips are skipped here too, so the result equals learning those
+    runs. Rebuild and the foreign-write check both re-fold with this.
+    """
+    state = AgentState(agent)
+    changes = Changes()
+    kwargs = {"clock": clock} if clock else {}
+    pos = 0
+    while pos < upto:
+        rows = store.read_runs(agent, pos, min(chunk, upto - pos))
+        if not rows:
+            break
+        changes = changes.then(fold(state, _learnable(agent, rows), config=config, **kwargs))
+        pos += len(rows)
+        if progress:
+            progress(pos, upto)
+    return changes, pos
 
 
 # --------------------------------------------------------------------- rebuild
@@ -69,35 +106,24 @@ def rebuild(
 ) -> RebuildResult:
     """Recompute the agent's state from its retained runs and swap it in atomically.
 
-    Folds every retained run from empty state (the fold is the same one
-    incremental learning uses, so the result equals learning those runs
-    incrementally), then stages the values and swaps them in together with
-    the offset they cover. Runs appended meanwhile lie past that offset and
-    are learned on top by the next learn, each exactly once. ACG learning
-    keys the retained runs no longer produce are deleted.
+    Folds every retained run from empty state (`refold`: the result equals
+    learning those runs incrementally), then stages the values and swaps
+    them in together with the offset they cover. Runs appended meanwhile lie
+    past that offset and are learned on top by the next learn, each exactly
+    once. ACG learning keys the retained runs no longer produce are deleted.
     """
     start = store.cursor(agent)
-    total = start.index_length
-    state = AgentState(agent)
-    changes = Changes()
-    pos = 0
-    while pos < total:
-        rows = store.read_runs(agent, pos, min(chunk, total - pos))
-        if not rows:
-            break
-        runs = [parse_wire(RunRecord, raw) for _, raw in rows if raw is not None]
-        kwargs = {"clock": clock} if clock else {}
-        batch = [r for r in runs if r.agent_id == agent]
-        changes = changes.then(fold(state, batch, config=config, **kwargs))
-        pos += len(rows)
-        if progress:
-            progress(pos, total)
+    changes, pos = refold(
+        store,
+        agent,
+        start.index_length,
+        config=config,
+        chunk=chunk,
+        clock=clock,
+        progress=progress,
+    )
     values = state_writes(store, agent, changes)
-    k = store.keys
-    stale = [k.plan(agent), k.accumulators(agent), k.trie(agent)]
-    stale += [k.acg_observations(agent), k.acg_stability(agent)]
-    for key in store.learning_keys(agent):  # its own set: never another agent's keys
-        stale += [k.acg_observations(key), k.acg_stability(key)]
+    stale = store.state_keys(agent)  # its own set of learning keys: never another agent's
     deleted = [key for key in stale if key not in values]
     version = store.swap_state(
         agent, values, start.base + pos, deleted, learning_keys=written_learning_keys(changes)
@@ -183,4 +209,5 @@ __all__ = [
     "owned_learning_keys",
     "plan_retention",
     "rebuild",
+    "refold",
 ]

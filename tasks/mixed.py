@@ -17,7 +17,9 @@ observations' `ir_id` / `created_at`), or that exists though the fold does
 not produce it, was written by someone else. A clean result is remembered
 (`{prefix}adaptive_worker:verified:{agent}`: our version plus a digest per
 key), so the next check at the same version costs a few GETs instead of a
-fold, and still names the keys rewritten since.
+fold, and still names the keys rewritten since. The volatile fields and the
+re-fold are the engine's (`fold.without_volatile`) and maintenance's
+(`maintenance.refold`), shared with rebuild and the tests.
 
 Limits: the fold is O(retained runs). After retention trimmed runs (`base >
 0`) the stored state also covers runs no longer kept, so a full check is
@@ -41,13 +43,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from storage.errors import InvalidRecord
-from storage.keys import OWN
-from storage.models import RunRecord, parse_wire
 from storage.store import Cursor, Store
 from tasks.learning import state_writes
-from tasks.maintenance import RebuildResult, owned_learning_keys, rebuild
-from worker.engine.fold import AgentState, Changes, EngineConfig, fold
+from tasks.maintenance import RebuildResult, owned_learning_keys, rebuild, refold
+from worker.engine.fold import EngineConfig, without_volatile
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,31 +74,17 @@ class ForeignWriteReport:
 
 def verified_key(store: Store, agent: str) -> str:
     """Our record of the last clean check (hash: `version`, `digests` JSON)."""
-    return f"{store.keys.prefix}{OWN}:verified:{agent}"
+    return store.keys.verified(agent)
 
 
-def _state_keys(store: Store, agent: str, extra: Sequence[str] = ()) -> list[str]:
-    """Every learned-state key of the agent that exists, plus `extra`."""
-    k = store.keys
-    keys = [k.plan(agent), k.accumulators(agent), k.trie(agent)]
-    keys += [k.acg_observations(agent), k.acg_stability(agent)]
-    for key in owned_learning_keys(store, agent):
-        keys += [k.acg_observations(key), k.acg_stability(key)]
-    keys += extra
-    return list(dict.fromkeys(keys))
+def _state_keys(store: Store, agent: str) -> list[str]:
+    """Every learned-state key of the agent, its learning keys named exactly."""
+    return store.keys.agent_state(agent, owned_learning_keys(store, agent))
 
 
 def _normalized(store: Store, key: str, raw: str) -> Any:
     """The value with the fields every write makes anew (time, random ids) blanked."""
-    value = json.loads(raw)
-    rest = key[len(store.keys.prefix) :]
-    if rest.startswith("trie:") and isinstance(value, dict):
-        value = {**value, "generated_at": None}
-    elif rest.startswith("acg_observations:") and isinstance(value, list):
-        value = [
-            {**o, "ir_id": None, "created_at": None} if isinstance(o, dict) else o for o in value
-        ]
-    return value
+    return without_volatile(store.keys.runtime_kind(key) or "", json.loads(raw))
 
 
 def _digest(raw: str | None) -> str | None:
@@ -112,28 +97,9 @@ def expected_writes(
     """Key -> JSON of the state our learning produces from the runs up to `cursor.learned`.
 
     Runs that learning dead-letters (missing, unparsable, another agent's)
-    are skipped as learning skips them.
+    are skipped as learning skips them (`maintenance.refold`).
     """
-    upto = cursor.learned - cursor.base
-    state = AgentState(agent)
-    changes = Changes()
-    pos = 0
-    while pos < upto:
-        rows = store.read_runs(agent, pos, min(chunk, upto - pos))
-        if not rows:
-            break
-        batch = []
-        for _, raw in rows:
-            if raw is None:
-                continue
-            try:
-                run = parse_wire(RunRecord, raw)
-            except InvalidRecord:
-                continue
-            if run.agent_id == agent:
-                batch.append(run)
-        changes = changes.then(fold(state, batch, config=config))
-        pos += len(rows)
+    changes, _ = refold(store, agent, cursor.learned - cursor.base, config=config, chunk=chunk)
     return state_writes(store, agent, changes)
 
 
@@ -141,15 +107,14 @@ def check_foreign_writes(
     store: Store, agent: str, *, config: EngineConfig, chunk: int = 500, attempts: int = 3
 ) -> ForeignWriteReport:
     """Whether the agent's stored state is exactly what our workers wrote (see module doc)."""
-    record_key = verified_key(store, agent)
     for _ in range(attempts):
         before = store.cursor(agent)
         keys = _state_keys(store, agent)
         raw = store.get_many(keys)
-        record = store.client.hgetall(record_key)
+        record = store.verified_record(agent)
         digests = {key: _digest(value) for key, value in raw.items() if value is not None}
-        if record and int(record.get("version", -1)) == before.version:
-            remembered: dict[str, str] = json.loads(record["digests"])
+        if record is not None and record[0] == before.version:
+            remembered = record[1]
             foreign = sorted(
                 key[len(store.keys.prefix) :]
                 for key in set(remembered) | set(digests)
@@ -187,14 +152,10 @@ def check_foreign_writes(
             ):
                 foreign.append(key[len(store.keys.prefix) :])
         if not foreign:
-            store.client.hset(
-                record_key,
-                mapping={
-                    "version": before.version,
-                    "digests": json.dumps(
-                        {k: d for k, v in raw.items() if (d := _digest(v)) is not None}
-                    ),
-                },
+            store.record_verified(
+                agent,
+                before.version,
+                {k: d for k, v in raw.items() if (d := _digest(v)) is not None},
             )
         return ForeignWriteReport(agent, before.version, before.learned, True, tuple(foreign), True)
     return ForeignWriteReport(
@@ -204,7 +165,7 @@ def check_foreign_writes(
 
 def recover(store: Store, agent: str, *, config: EngineConfig, chunk: int = 500) -> RebuildResult:
     """Recompute the agent's state from its runs and swap it in (`maintenance.rebuild`)."""
-    store.client.delete(verified_key(store, agent))
+    store.forget_verified(agent)
     return rebuild(store, agent, config=config, chunk=chunk)
 
 

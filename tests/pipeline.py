@@ -24,6 +24,7 @@ import redis
 
 from storage.keys import OWN, RUNTIME_KINDS
 from storage.store import Store
+from worker.engine.fold import without_volatile
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,10 +152,5 @@ def dump_state(client: redis.Redis, prefix: str) -> dict[str, Any]:
         if rest.startswith(OWN + ":") or kind in ("runs", "runs_index"):
             continue
         assert kind in RUNTIME_KINDS, key
-        value = json.loads(client.get(key))
-        if kind == "trie":
-            value["generated_at"] = None
-        elif kind == "acg_observations":
-            value = [{**o, "ir_id": None, "created_at": None} for o in value]
-        out[rest] = value
+        out[rest] = without_volatile(kind, json.loads(client.get(key)))
     return out

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from storage.keys import Keys
 from storage.store import Store
-from tasks.learning import dead_letter, ingest, learn_agent
+from tasks.learning import catch_up, dead_letter, ingest
 from tasks.maintenance import apply_retention, rebuild
 from tests.conftest import REDIS_URL
 from tests.goldens import load_capture
@@ -29,7 +29,7 @@ MAX = 8 << 20
 
 
 def _learn(store: Store, agent: str) -> None:
-    assert learn_agent(store, agent, max_runs=50, config=CONFIG).caught_up
+    assert catch_up(store, agent, max_runs=50, config=CONFIG).caught_up
 
 
 def _dead(store: Store) -> list[dict[str, Any]]:
@@ -238,7 +238,7 @@ def _owned(store: Store, agent: str) -> set[str]:
         k.trie(agent),
         k.accumulators(agent),
         k.cursor(agent),
-        k.learning_keys(agent),
+        k.learning_key_set(agent),
         k.stored_at(agent),
         k.tombstones(agent),
     }
@@ -282,7 +282,15 @@ def test_odd_agent_ids_never_touch_each_others_keys(
 def test_keys_of_odd_ids_are_distinct_per_agent() -> None:
     k = Keys("p:")
     ids = ["a", "a:", ":a", "a:b", "a b", "a\x00", "*", "[a]", "runs", "x" * 100]
-    for name in ("runs_index", "plan", "trie", "accumulators", "cursor", "learning_keys"):
+    for name in (
+        "runs_index",
+        "plan",
+        "trie",
+        "accumulators",
+        "cursor",
+        "learning_key_set",
+        "verified",
+    ):
         built = [getattr(k, name)(agent) for agent in ids]
         assert len(set(built)) == len(ids), name
 

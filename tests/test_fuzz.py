@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.store import Store
-from tasks.learning import ingest, learn_agent
+from tasks.learning import catch_up, ingest
 from tests.hostile import good_run, nested
 from worker.engine.fold import EngineConfig
 
@@ -128,7 +128,7 @@ def test_every_item_is_stored_or_dead_lettered_exactly_once(
                 assert i not in rejected, (item.why, rejected.get(i))
         assert store.dead_letter_count() == len(rejected)
         for agent in {run.agent_id for run in result.stored}:
-            summary = learn_agent(store, agent, max_runs=50, config=CONFIG)
+            summary = catch_up(store, agent, max_runs=50, config=CONFIG)
             assert summary.caught_up and summary.dead == 0
         assert store.counters().get("runs_learned", 0) == len(stored_ids) == len(pos_of_stored)
         again = ingest(store, [item.payload for item in batch], 8 << 20)

@@ -9,18 +9,24 @@ import pytest
 
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tasks.learning import ingest, learn_agent
-from tasks.maintenance import apply_retention, lagging_agents, plan_retention, rebuild
+from tasks.learning import catch_up, ingest, state_writes
+from tasks.maintenance import (
+    apply_retention,
+    lagging_agents,
+    plan_retention,
+    rebuild,
+    refold,
+)
 from tests.goldens import load_capture
 from tests.pipeline import dump_state
-from worker.engine.fold import EngineConfig
+from worker.engine.fold import EngineConfig, without_volatile
 
 CONFIG = EngineConfig()
 AGENT = "bench-agent"
 
 
 def _learn(store: Store, agent: str = AGENT, batch: int = 7) -> None:
-    summary = learn_agent(store, agent, max_runs=batch, config=CONFIG)
+    summary = catch_up(store, agent, max_runs=batch, config=CONFIG)
     assert summary.caught_up
 
 
@@ -74,7 +80,7 @@ def test_rebuild_drops_keys_the_runs_no_longer_produce(real_store: Store) -> Non
     stale = f"{cap.agent_id}::model=gone::seed=stable-scaffold::system=x::tools=y"
     real_store.client.set(real_store.keys.acg_stability(stale), "{}")
     # as an earlier commit of this agent would have recorded it
-    real_store.client.sadd(real_store.keys.learning_keys(cap.agent_id), stale)
+    real_store.client.sadd(real_store.keys.learning_key_set(cap.agent_id), stale)
     result = rebuild(real_store, cap.agent_id, config=CONFIG)
     assert real_store.keys.acg_stability(stale) in result.deleted
     assert real_store.client.get(real_store.keys.acg_stability(stale)) is None
@@ -202,3 +208,43 @@ def test_learning_keys_come_from_the_agents_own_set_not_a_glob(
     real_store.client.set(real_store.keys.acg_stability(f"{agent}::zzz"), "{}")
     real_store.client.set(real_store.keys.acg_stability("other::k"), "{}")
     assert real_store.learning_keys(agent) == own
+
+
+def test_rebuild_skips_the_runs_learning_dead_letters(real_store: Store) -> None:
+    """Rebuild re-folds exactly the runs learning learned: a stored run that no
+    longer parses, or that names another agent, is skipped by both, so the
+    rebuilt state equals the learned one (it used to stop the rebuild)."""
+    runs = list(synthetic_runs(12, agent_id=AGENT, seed=9))
+    ingest(real_store, runs, 8 << 20)
+    ids = real_store.run_ids(AGENT)
+    k = real_store.keys
+    real_store.client.set(k.run(AGENT, ids[3]), '{"id": "not a run"}')
+    other = json.loads(real_store.client.get(k.run(AGENT, ids[7])))
+    real_store.client.set(k.run(AGENT, ids[7]), json.dumps({**other, "agent_id": "someone-else"}))
+    summary = catch_up(real_store, AGENT, max_runs=5, config=CONFIG)
+    assert summary.caught_up and summary.learned == 10 and summary.dead == 2
+    learned = dump_state(real_store.client, real_store.keys.prefix)
+
+    result = rebuild(real_store, AGENT, config=CONFIG, chunk=4)
+
+    assert result.runs == 12 and result.learned == 12
+    assert dump_state(real_store.client, real_store.keys.prefix) == learned
+
+
+def test_refold_reads_only_up_to_the_offset_given(real_store: Store) -> None:
+    runs = list(synthetic_runs(9, agent_id=AGENT, seed=2))
+    ingest(real_store, runs[:5], 8 << 20)
+    _learn(real_store)
+    learned = dump_state(real_store.client, real_store.keys.prefix)
+    ingest(real_store, runs[5:], 8 << 20)  # stored, not learned
+
+    changes, read = refold(real_store, AGENT, 5, config=CONFIG, chunk=2)
+
+    assert read == 5
+    refolded = {
+        key[len(real_store.keys.prefix) :]: without_volatile(
+            real_store.keys.runtime_kind(key) or "", json.loads(v)
+        )
+        for key, v in state_writes(real_store, AGENT, changes).items()
+    }
+    assert refolded == learned

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from storage.store import Cursor, Store
-from tasks.learning import ingest, learn_agent, learn_step
+from tasks.learning import catch_up, ingest, learn_step
 from tests.conftest import REDIS_URL
 from tests.goldens import load_capture
 from worker import metrics
@@ -137,7 +137,7 @@ def test_lag_and_counters_before_and_after_learning(real_store: Store) -> None:
     assert lag_of(samples, "a") == lag_of(samples, "b") == 4
     assert samples[("adaptive_runs_ingested_total", ())] == 8
 
-    summary = learn_agent(real_store, "a", max_runs=2, config=EngineConfig())
+    summary = catch_up(real_store, "a", max_runs=2, config=EngineConfig())
     assert summary.caught_up and summary.learned == 4
 
     after = snapshot(real_store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -19,11 +20,11 @@ from typer.testing import CliRunner
 
 from storage.keys import OWN, RUNTIME_KINDS
 from storage.store import Store
-from tasks.learning import ingest, learn_agent
+from tasks.learning import catch_up, ingest
 from tests.conftest import REDIS_URL
 from tests.goldens import CAPTURES, Capture, assert_json_close, load_capture
 from worker.cli import app
-from worker.engine.fold import EngineConfig
+from worker.engine.fold import EngineConfig, without_volatile
 
 
 def _dump(client: redis.Redis, prefix: str) -> dict[str, object]:
@@ -41,12 +42,9 @@ def _dump(client: redis.Redis, prefix: str) -> dict[str, object]:
     return values
 
 
-def _without_volatile(key: str, value):
-    if key.startswith("trie:"):
-        return {**value, "generated_at": None}
-    if key.startswith("acg_observations:"):
-        return [{**o, "ir_id": None, "created_at": None} for o in value]
-    return value
+def _without_volatile(key: str, value: Any) -> Any:
+    """`key` is without the prefix, so its kind is its first segment."""
+    return without_volatile(key.split(":", 1)[0], value)
 
 
 @pytest.fixture
@@ -98,7 +96,7 @@ def test_batching_does_not_change_the_result(
         cleanup.append(prefix)
         store = Store(real_redis, prefix)
         ingest(store, cap.runs, 8 << 20)
-        summary = learn_agent(
+        summary = catch_up(
             store,
             cap.agent_id,
             max_runs=size,

@@ -207,3 +207,58 @@ def test_eight_processes_store_overlapping_runs_exactly_once(real_store: Store) 
     assert set(index) == covered
     run_keys = list(real_store.client.scan_iter(real_store.keys.run_key_prefix("agent-a") + "*"))
     assert len(run_keys) == len(covered)
+
+
+# ---------------------------------------------- what mixed.py and the CLI read
+
+
+def test_verified_record_round_trip(store: Store) -> None:
+    assert store.verified_record("a") is None
+    store.record_verified("a", 7, {"p:plan:a": "d1", "p:trie:a": "d2"})
+    assert store.verified_record("a") == (7, {"p:plan:a": "d1", "p:trie:a": "d2"})
+    assert store.verified_record("b") is None
+    store.forget_verified("a")
+    assert store.verified_record("a") is None
+    assert store.client.exists(f"{store.keys.prefix}adaptive_worker:verified:a") == 0
+
+
+def test_state_keys_name_the_agents_own_learning_keys(store: Store) -> None:
+    p = store.keys.prefix
+    store.client.sadd(f"{p}adaptive_worker:learning_keys:a", "a::model=m")
+    assert store.state_keys("a") == [
+        f"{p}plan:a",
+        f"{p}accumulators:a",
+        f"{p}trie:a",
+        f"{p}acg_observations:a",
+        f"{p}acg_stability:a",
+        f"{p}acg_observations:a::model=m",
+        f"{p}acg_stability:a::model=m",
+    ]
+
+
+def test_state_presence_and_raw_values(store: Store) -> None:
+    p = store.keys.prefix
+    store.client.set(f"{p}plan:a", '{"x": 1}')
+    store.client.set(f"{p}acg_stability:b", "{}")
+    assert store.state_presence(["a", "b", "c"]) == {
+        "a": {"plan": True, "trie": False, "stability": False},
+        "b": {"plan": False, "trie": False, "stability": True},
+        "c": {"plan": False, "trie": False, "stability": False},
+    }
+    assert store.state_presence([]) == {}
+    assert store.get_raw(f"{p}plan:a") == '{"x": 1}'
+    assert store.get_raw(f"{p}trie:a") is None
+
+
+def test_dead_letters_raw_are_bytes_as_stored(real_store: Store) -> None:
+    """An entry that is not UTF-8 does not make the list unreadable."""
+    key = real_store.keys.dead_letters()
+    raw = redis.Redis.from_url(REDIS_URL)  # no decoding, to store invalid UTF-8
+    try:
+        raw.rpush(key, b'{"reason": "ok"}', b"\xff\xfe not utf-8")
+    finally:
+        raw.close()
+    assert real_store.dead_letters_raw() == [b'{"reason": "ok"}', b"\xff\xfe not utf-8"]
+    assert real_store.dead_letters_raw(1, 1) == [b"\xff\xfe not utf-8"]
+    assert real_store.dead_letter_raw_at(-1) == b"\xff\xfe not utf-8"
+    assert real_store.dead_letter_raw_at(5) is None

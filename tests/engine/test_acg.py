@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from storage.models import RunRecord
 from tests.goldens import CAPTURES, FIXTURES, assert_json_close, load_capture
-from worker.engine.acg import analyze, build_prompt_ir, fold_acg, learning_key, learning_keys
+from worker.engine.acg import analyze, build_prompt_ir, fold_acg, learning_key, run_learning_keys
 from worker.engine.acg.canonical import jcs, normalize_whitespace, serde_float
 from worker.engine.acg.stability import stable_prefix_length
 
@@ -149,7 +149,7 @@ def test_learning_keys_match_manifest(name: str) -> None:
     stability_keys = {e["key"] for e in manifest["keys"] if e["kind"] == "acg_stability"}
     assert f"{cap.prefix}acg_stability:{key}" in stability_keys
     for raw_run in cap.runs:
-        assert learning_keys(RunRecord.model_validate_json(raw_run), cap.agent_id) == [key]
+        assert run_learning_keys(RunRecord.model_validate_json(raw_run), cap.agent_id) == [key]
 
 
 def _batched(name: str, size: int) -> tuple[dict[str, Any], dict[str, Any], str | None]:
@@ -672,14 +672,14 @@ def test_run_without_recorded_request_touches_nothing() -> None:
     result = fold(windows, [make_run([None])], agent="agent")
     assert result.touched_keys == [] and result.seed_key is None and result.stability == {}
     assert windows == {"x": []}
-    assert learning_keys(make_run([None]), "agent") == []
+    assert run_learning_keys(make_run([None]), "agent") == []
 
 
 def test_learning_keys_call_order_deduplicated() -> None:
     a = {"messages": [{"role": "system", "content": "A"}, {"role": "user", "content": "1"}]}
     b = {"messages": [{"role": "system", "content": "B"}, {"role": "user", "content": "2"}]}
     run = make_run([a, b, copy.deepcopy(a)])
-    assert learning_keys(run, "agent") == [learning_key("agent", a), learning_key("agent", b)]
+    assert run_learning_keys(run, "agent") == [learning_key("agent", a), learning_key("agent", b)]
 
 
 def test_unparseable_request_is_skipped() -> None:
@@ -687,7 +687,7 @@ def test_unparseable_request_is_skipped() -> None:
     bad = user_request("x", tools=[{"type": "custom", "function": {"name": "f"}}])
     good = user_request("y")
     run = make_run([bad, good])
-    assert learning_keys(run, "agent") == [learning_key("agent", good)]
+    assert run_learning_keys(run, "agent") == [learning_key("agent", good)]
     windows: dict[str, list[dict[str, Any]]] = {}
     result = fold(windows, [run], agent="agent")
     assert result.touched_keys == [learning_key("agent", good)]

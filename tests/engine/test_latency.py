@@ -14,16 +14,14 @@ from typing import Any
 
 import pytest
 
+from adaptive_worker_client.hints import agent_hints, default_hints, lookup
 from storage.models import RunRecord
 from tests.goldens import CAPTURES, FIXTURES, assert_json_close, load_capture
 from worker.engine.latency import (
     Accumulators,
     SensitivityConfig,
-    agent_hints,
     build_trie,
-    default_hints,
     extract_contexts,
-    lookup,
     round_half_away,
 )
 

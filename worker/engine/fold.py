@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.models import RunRecord
 from worker.engine import acg, parallelism
 from worker.engine.latency import DEFAULT_SENSITIVITY, Accumulators, SensitivityConfig, build_trie
+from worker.engine.records import RunLike, utc_now
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,26 +83,43 @@ class Changes:
         return out
 
 
-def required_windows(agent_id: str, runs: Sequence[RunRecord]) -> list[str]:
+def required_windows(agent_id: str, runs: Sequence[RunLike]) -> list[str]:
     """Learning keys whose stored windows a fold of `runs` needs, first-use order."""
     keys: dict[str, None] = {}
     for run in runs:
-        keys.update(dict.fromkeys(acg.learning_keys(run, agent_id)))
+        keys.update(dict.fromkeys(acg.run_learning_keys(run, agent_id)))
     return list(keys)
 
 
-def utc_now() -> str:
-    """Default clock, the runtime's `generated_at` layout (the caller may inject its own)."""
-    import time
+# Fields a fold writes anew every time, from the injected clock and id source
+# (by kind of stored value): two folds of the same runs differ only in these.
+VOLATILE_FIELDS: dict[str, tuple[str, ...]] = {
+    "trie": ("generated_at",),
+    "acg_observations": ("ir_id", "created_at"),
+}
 
-    from storage.timestamps import format_ns
 
-    return format_ns(time.time_ns())
+def without_volatile(kind: str, value: Any) -> Any:
+    """A stored value (parsed JSON) of `kind` with its `VOLATILE_FIELDS` set to None.
+
+    What comparing learned state means everywhere (the foreign-write check,
+    replay and pipeline tests): equal but for time and random ids. A value
+    of an unexpected shape (someone else wrote it) is returned unchanged.
+    """
+    fields = VOLATILE_FIELDS.get(kind)
+    if not fields:
+        return value
+    blank = dict.fromkeys(fields)
+    if isinstance(value, dict):  # the trie envelope
+        return {**value, **blank}
+    if isinstance(value, list):  # an observation window
+        return [{**item, **blank} if isinstance(item, dict) else item for item in value]
+    return value
 
 
 def fold(
     state: AgentState,
-    runs: Sequence[RunRecord],
+    runs: Sequence[RunLike],
     *,
     config: EngineConfig = EngineConfig(),
     clock: Callable[[], str] = utc_now,

@@ -1,7 +1,9 @@
 """Latency-sensitivity learner: per-call contexts, accumulators, prediction trie.
 
-A pure port of `nemo-relay-adaptive`'s `trie::builder` / `trie::lookup` /
-`learner::latency` (SPEC sections 3, 4 and 6b).  No Redis, no clock, no I/O:
+A pure port of `nemo-relay-adaptive`'s `trie::builder` / `learner::latency`
+(SPEC sections 3, 4 and 6b); the lookup an agent does (`trie::lookup`,
+`build_agent_hints`) is `adaptive_worker_client.hints`, the one definition
+agents and the CLI share.  No Redis, no clock, no I/O:
 callers load the stored accumulators (`Accumulators.from_wire`), fold runs in
 (`add_run`), store `to_wire()` and `build_trie(...)`.
 
@@ -26,15 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from storage.timestamps import parse_ns
+from worker.engine.records import CallLike, RunLike
 from worker.engine.stats import RunningStats
 
 TRIE_VERSION = "1.0"
 _NS_PER_MS = 1_000_000
 _NS_PER_S = 1_000_000_000
-_U32_MAX = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------- config
@@ -57,40 +58,6 @@ class SensitivityConfig:
 
 
 DEFAULT_SENSITIVITY = SensitivityConfig()
-
-
-# -------------------------------------------------------------- input protocol
-
-
-class CallLike(Protocol):
-    kind: str
-    name: str
-    started_at: str
-    ended_at: str | None
-    output_tokens: int | None
-
-
-class RunLike(Protocol):
-    started_at: str
-    ended_at: str | None
-
-    @property
-    def calls(self) -> Sequence[Any]: ...
-
-
-def _start_ns(rec: Any) -> int:
-    """Parsed start time; uses the model's cached value when it has one."""
-    try:
-        return rec.start_ns  # type: ignore[no-any-return]
-    except AttributeError:
-        return parse_ns(rec.started_at)
-
-
-def _end_ns(rec: Any) -> int | None:
-    try:
-        return rec.end_ns  # type: ignore[no-any-return]
-    except AttributeError:
-        return None if rec.ended_at is None else parse_ns(rec.ended_at)
 
 
 def _trunc_ms(delta_ns: int) -> int:
@@ -133,12 +100,12 @@ def extract_contexts(
     with no end uses the latest call *end*.
     """
     calls = run.calls
-    run_start = _start_ns(run)
-    run_end = _end_ns(run)
+    run_start = run.start_ns
+    run_end = run.end_ns
     if run_end is not None:
         workflow_s = _trunc_ms(run_end - run_start) / 1000.0
     else:
-        ends = [e for e in (_end_ns(c) for c in calls) if e is not None]
+        ends = [e for e in (c.end_ns for c in calls) if e is not None]
         workflow_s = _trunc_ms(max(ends) - run_start) / 1000.0 if ends else 0.0
 
     # next_llm_start[i]: start of the first LLM call after position i (any state).
@@ -148,12 +115,12 @@ def extract_contexts(
     for i in range(n - 1, -1, -1):
         next_llm_start[i] = nxt
         if calls[i].kind == "llm":
-            nxt = _start_ns(calls[i])
+            nxt = calls[i].start_ns
 
-    completed: list[tuple[int, Any, int]] = []
+    completed: list[tuple[int, CallLike, int]] = []
     for i, c in enumerate(calls):
         if c.kind == "llm":
-            end = _end_ns(c)
+            end = c.end_ns
             if end is not None:
                 completed.append((i, c, end))
 
@@ -164,7 +131,7 @@ def extract_contexts(
         name = c.name
         idx = counts.get(name, 0) + 1
         counts[name] = idx
-        start = _start_ns(c)
+        start = c.start_ns
         nxt_start = next_llm_start[i]
         tokens = c.output_tokens
         contexts.append(
@@ -444,15 +411,6 @@ def round_half_away(x: float) -> float:
     return float(f)
 
 
-def _as_u32(x: float) -> int:
-    """Rust `f64 as u32`: truncate, saturate, NaN -> 0."""
-    if x != x or x <= 0.0:
-        return 0
-    if x >= _U32_MAX:
-        return _U32_MAX
-    return int(x)
-
-
 def _score_to_sensitivity(acc: RunningStats, scale: int) -> int | None:
     if acc.count == 0:
         return None
@@ -532,85 +490,4 @@ def build_trie(
         "generated_at": generated_at,
         "workflow_name": agent_id,
         "root": build_trie_root(acc, config),
-    }
-
-
-def _root_of(trie: dict[str, Any]) -> dict[str, Any]:
-    """Accept a TrieEnvelope or a bare root node."""
-    root = trie.get("root")
-    return root if isinstance(root, dict) else trie
-
-
-def _prediction_at(node: dict[str, Any], call_index: int) -> dict[str, Any] | None:
-    by_index = node.get("predictions_by_call_index") or {}
-    pred = by_index.get(str(call_index))
-    return pred if pred is not None else node.get("predictions_any_index")
-
-
-def lookup(trie: dict[str, Any], path: Sequence[str], call_index: int) -> dict[str, Any] | None:
-    """`PredictionTrieLookup::find`: walk from the root while children match;
-    at each visited node prefer the exact call index, else any-index; return
-    the deepest prediction found (None when there is none)."""
-    node = _root_of(trie)
-    best = _prediction_at(node, call_index)
-    for name in path:
-        child = (node.get("children") or {}).get(name)
-        if child is None:
-            break
-        node = child
-        pred = _prediction_at(node, call_index)
-        if pred is not None:
-            best = pred
-    return best
-
-
-def default_hints(
-    trie: dict[str, Any], scale: int = DEFAULT_SENSITIVITY.scale
-) -> dict[str, Any] | None:
-    """`compute_default_hints`: AgentHints from the root's any-index prediction
-    (None without one).  Field order as the runtime serializes AgentHints."""
-    pred = _root_of(trie).get("predictions_any_index")
-    if pred is None:
-        return None
-    ls = pred.get("latency_sensitivity")
-    level = 1 if ls is None else int(ls)
-    return {
-        "osl": _as_u32(round_half_away(pred["output_tokens"]["p90"])),
-        "iat": _as_u32(round_half_away(pred["interarrival_ms"]["mean"])),
-        "priority": max(scale - level, 0),
-        "latency_sensitivity": 0.0 if ls is None else float(level),
-        "prefix_id": "default",
-        # `mean.round() as u32 + 1`, wrapping like a release build.
-        "total_requests": (_as_u32(round_half_away(pred["remaining_calls"]["mean"])) + 1)
-        & _U32_MAX,
-    }
-
-
-def agent_hints(
-    trie: dict[str, Any],
-    scope_path: Sequence[str],
-    call_index: int,
-    agent_id: str,
-    scale: int = DEFAULT_SENSITIVITY.scale,
-) -> dict[str, Any] | None:
-    """What the runtime's hints intercept injects for one request
-    (`build_agent_hints`): the lookup's prediction, or `default_hints`.
-
-    Unlike the defaults, a prediction without sensitivity reports 1.0, the
-    prefix id is `{agent_id}-d{len(scope_path)}` and `total_requests` adds the
-    caller's 1-based request counter instead of 1.
-    """
-    pred = lookup(trie, scope_path, call_index)
-    if pred is None:
-        return default_hints(trie, scale)
-    ls = pred.get("latency_sensitivity")
-    level = 1 if ls is None else int(ls)
-    return {
-        "osl": _as_u32(round_half_away(pred["output_tokens"]["p90"])),
-        "iat": _as_u32(round_half_away(pred["interarrival_ms"]["mean"])),
-        "priority": max(scale - level, 0),
-        "latency_sensitivity": float(level),
-        "prefix_id": f"{agent_id}-d{len(scope_path)}",
-        "total_requests": (_as_u32(round_half_away(pred["remaining_calls"]["mean"])) + call_index)
-        & _U32_MAX,
     }

@@ -11,10 +11,10 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
-from storage.models import RunRecord
+from worker.engine.records import RunLike
 
 
-def observed_cohorts(run: RunRecord) -> list[tuple[str, ...]]:
+def observed_cohorts(run: RunLike) -> list[tuple[str, ...]]:
     """Distinct sorted name tuples of tools that overlapped, sorted.
 
     Completed tool calls are stably sorted by start; a sweep keeps the calls
@@ -61,7 +61,7 @@ def empty_plan(agent_id: str, run_id: str) -> dict[str, Any]:
     }
 
 
-def merge_run(plan: dict[str, Any] | None, run: RunRecord, agent_id: str) -> dict[str, Any] | None:
+def merge_run(plan: dict[str, Any] | None, run: RunLike, agent_id: str) -> dict[str, Any] | None:
     """The plan after learning `run`, or `plan` itself (same object) if the run adds nothing.
 
     Groups are keyed by group id and hints by (tool, group), both emitted

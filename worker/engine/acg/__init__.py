@@ -12,7 +12,7 @@ Modules, one concept each:
 
 from worker.engine.acg.ir import build_prompt_ir
 from worker.engine.acg.key import learning_key
-from worker.engine.acg.learner import AcgFoldResult, fold_acg, learning_keys
+from worker.engine.acg.learner import AcgFoldResult, fold_acg, run_learning_keys
 from worker.engine.acg.stability import analyze
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "build_prompt_ir",
     "fold_acg",
     "learning_key",
-    "learning_keys",
+    "run_learning_keys",
 ]

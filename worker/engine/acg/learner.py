@@ -27,14 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from worker.engine.acg.ir import build_prompt_ir, request_tools
 from worker.engine.acg.key import learning_key
 from worker.engine.acg.stability import analyze
-
-if TYPE_CHECKING:
-    from storage.models import RunRecord
+from worker.engine.records import RunLike
 
 DEFAULT_WINDOW_SIZE = 100
 
@@ -46,7 +44,7 @@ _Prepared = tuple[str, dict[str, Any]] | None
 _CACHE_LIMIT = 256
 # (id(request), agent_id) -> (request, prepared). The request is held so its id
 # cannot be reused while the entry lives; it lets `fold_acg` reuse the work
-# `learning_keys` did on the same record objects (records are not mutated).
+# `run_learning_keys` did on the same record objects (records are not mutated).
 _prepared_cache: dict[tuple[int, str], tuple[Any, _Prepared]] = {}
 
 
@@ -85,13 +83,13 @@ def _prepare(agent_id: str, request: Any) -> _Prepared:
     return prepared
 
 
-def _requests(run: RunRecord) -> Iterable[Any]:
+def _requests(run: RunLike) -> Iterable[Any]:
     for call in run.calls:
         if call.kind == "llm" and call.annotated_request is not None:
             yield call.annotated_request
 
 
-def learning_keys(run: RunRecord, agent_id: str) -> list[str]:
+def run_learning_keys(run: RunLike, agent_id: str) -> list[str]:
     """Keys the run's observations go to, in call order, deduplicated (for prefetching)."""
     keys: dict[str, None] = {}
     for request in _requests(run):
@@ -117,7 +115,7 @@ def _append(window: list[dict[str, Any]], new: list[dict[str, Any]], window_size
 
 def fold_acg(
     windows: dict[str, list[dict[str, Any]]],
-    runs: Iterable[RunRecord],
+    runs: Iterable[RunLike],
     *,
     agent_id: str,
     window_size: int = DEFAULT_WINDOW_SIZE,
