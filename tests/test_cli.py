@@ -27,12 +27,12 @@ import redis
 from click.testing import Result
 from typer.testing import CliRunner
 
+from adaptive_worker_client.hints import agent_hints, default_hints
 from storage.store import Store
 from tasks.learning import dead_letter
 from tests.conftest import REDIS_URL
 from tests.goldens import CAPTURES, Capture, load_capture
 from worker.cli import EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, app
-from worker.engine.latency import agent_hints, default_hints
 from worker.samples import CAPTURE_AGENT_ID, SAMPLES, sample_runs
 
 pytestmark = pytest.mark.redis
@@ -453,6 +453,73 @@ def test_run_help_documents_both_modes() -> None:
     assert result.exit_code == 0
     assert "Without Redis" in result.stdout and "With Redis" in result.stdout
     assert "--no-beat" in result.stdout
+
+
+# What `--help` must not import: the backends a command needs only when it runs.
+HEAVY = {"redis", "fakeredis", "celery", "kombu", "pydantic_settings", "storage", "tasks"}
+HEAVY |= {"adaptive_worker_client"}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["dead-letters", "--help"]])
+def test_help_imports_no_backend(argv: list[str]) -> None:
+    """Issue 10: `--help` took ~1.2 s here, nearly all of it importing what no help needs."""
+    code = (
+        "import sys\n"
+        "from worker.cli import app\n"
+        "try:\n    app(sys.argv[1:], prog_name='adaptive-worker')\n"
+        "except SystemExit:\n    pass\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage: adaptive-worker" in done.stdout
+    assert HEAVY.isdisjoint(done.stderr.split()), HEAVY & set(done.stderr.split())
+
+
+def _fastest(argv: list[str], times: int = 5) -> float:
+    best = float("inf")
+    for _ in range(times):
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=ROOT, capture_output=True, check=True, timeout=60)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.slow
+def test_help_is_within_twice_importing_typer_and_rich() -> None:
+    """The issue's target, measured as it states it (fastest of five, same moment)."""
+    floor = _fastest([sys.executable, "-c", "import typer, rich"])
+    help_time = _fastest([CLI, "--help"])
+    assert help_time <= 2 * floor, (help_time, floor)
+
+
+def test_the_cli_names_variables_with_the_settings_prefix() -> None:
+    """`worker.cli.options` spells the prefix out so `--help` need not import the settings."""
+    from worker.cli.options import ENV_PREFIX
+    from worker.settings import ENV_PREFIX as SETTINGS_PREFIX
+
+    assert ENV_PREFIX == SETTINGS_PREFIX
+
+
+def test_run_hands_its_prefix_to_the_tasks_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two embedded runs in one process, each with its own `--prefix`: each learns
+    under its own. The tasks used to read the environment, which `run` rewrote,
+    through a store cached on first use: the second run's runs went under the
+    first prefix and it timed out waiting for them."""
+    monkeypatch.setenv("ADAPTIVE_METRICS_PORT", "0")
+    from worker.settings import get_settings
+
+    default_prefix = get_settings().key_prefix
+    for prefix in (f"t-cli-a-{uuid.uuid4().hex[:8]}:", f"t-cli-b-{uuid.uuid4().hex[:8]}:"):
+        result = CliRunner().invoke(app, ["run", "--json", "--prefix", prefix, "--timeout", "15"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)["agents"]
+        assert {agent: item["learned"] for agent, item in report.items()} == dict.fromkeys(
+            SAMPLES, 4
+        )
+    assert get_settings().key_prefix == default_prefix  # the environment's again afterwards
 
 
 # ------------------------------------------------------------- real workers

@@ -24,7 +24,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from storage.store import Store
-from tasks.learning import dead_letter, ingest, learn_agent
+from tasks.learning import catch_up, dead_letter, ingest
 from tests.conftest import REDIS_URL
 from worker.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_FOUND, app
 from worker.engine.fold import EngineConfig
@@ -105,7 +105,7 @@ def learn(store: Store, agents: list[str], tool: str = "search_flights") -> None
     result = ingest(store, payloads, 8 * 1024 * 1024)
     assert not result.rejected, result.rejected
     for agent in agents:
-        assert learn_agent(store, agent, max_runs=500, config=EngineConfig()).learned == 4
+        assert catch_up(store, agent, max_runs=500, config=EngineConfig()).learned == 4
 
 
 # ------------------------------------------------ data is printed literally

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from adaptive_worker_client.hints import default_hints
 from tests.goldens import load_capture
-from worker.engine.latency import default_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = {"travel-openai": "relay-openai", "travel-anthropic": "relay-anthropic"}
