@@ -13,15 +13,15 @@ export UV_PYTHON_DOWNLOADS := never
 help:
 	@echo "make run      install, then run the main job (embedded default without Redis)"
 	@echo "make test     install, then run the whole test suite"
-	@echo "make install  create .venv with adaptive-worker on its path"
+	@echo "make install  create .venv with adaptive-worker and adaptive-worker-client (client/)"
 	@echo "make lint     ruff"
 	@echo "make bench    benchmarks (results go to BENCHMARKS.md by hand)"
 
-$(VENV)/.installed: pyproject.toml uv.lock
+$(VENV)/.installed: pyproject.toml client/pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
 		python3 -m pip install --quiet --user uv || \
 		python3 -m pip install --quiet --user --break-system-packages uv
-	$(UV) sync --locked
+	$(UV) sync --locked --all-packages
 	@touch $@
 
 # The t-digest compiled with mypyc (2x on the learner's hottest loop). A
@@ -60,15 +60,15 @@ RELAY_VERSION := 0.10.4
 
 .PHONY: relay-venv interop bench-relay
 
-$(RELAY_VENV)/.installed: pyproject.toml uv.lock
+$(RELAY_VENV)/.installed: pyproject.toml client/pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
 		python3 -m pip install --quiet --user uv || \
 		python3 -m pip install --quiet --user --break-system-packages uv
 	$(UV) venv --allow-existing --quiet $(RELAY_VENV)
-	$(UV) export --locked --no-dev --no-emit-project --no-hashes --quiet \
+	$(UV) export --locked --no-dev --no-emit-project --no-emit-workspace --no-hashes --quiet \
 		--format requirements-txt -o $(RELAY_VENV)/requirements.txt
 	$(UV) pip install --quiet --python $(RELAY_VENV)/bin/python \
-		-r $(RELAY_VENV)/requirements.txt nemo-relay==$(RELAY_VERSION) -e .
+		-r $(RELAY_VENV)/requirements.txt nemo-relay==$(RELAY_VERSION) -e ./client -e .
 	@touch $@
 
 relay-venv: $(RELAY_VENV)/.installed

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import redis
 
+from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tasks.client import RunClient
 from tests.pipeline import caught_up, celery_workers, wait_until, worker_env
 from worker.settings import load_settings
 

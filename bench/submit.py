@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from tasks.client import RunClient
+from adaptive_worker_client import RunClient
 from worker.settings import load_settings
 
 FIXTURES = Path(

@@ -18,26 +18,20 @@ and win, as redis-py and kombu both let them.
 
 from __future__ import annotations
 
-import ssl
-import threading
 from typing import TYPE_CHECKING, Any
 
 import fakeredis
 import redis
 
+# One embedded server per process and one definition of the TLS options,
+# shared with the agent-side client (which cannot import this package).
+from adaptive_worker_client import broker as _client_broker
+from adaptive_worker_client.embedded import embedded_server
+
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-_EMBEDDED_LOCK = threading.Lock()
-_EMBEDDED_SERVER: fakeredis.FakeServer | None = None
-
-
-def embedded_server() -> fakeredis.FakeServer:
-    global _EMBEDDED_SERVER
-    with _EMBEDDED_LOCK:
-        if _EMBEDDED_SERVER is None:
-            _EMBEDDED_SERVER = fakeredis.FakeServer()
-        return _EMBEDDED_SERVER
+__all__ = ["broker_tls_options", "connect", "embedded_server", "is_tls_url", "redis_tls_options"]
 
 
 def is_tls_url(url: str | None) -> bool:
@@ -59,12 +53,7 @@ def redis_tls_options(url: str | None, settings: Settings | None = None) -> dict
         from worker.settings import get_settings
 
         settings = get_settings()
-    if not settings.tls_verify:
-        return {"ssl_cert_reqs": "none", "ssl_check_hostname": False}
-    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
-    if settings.tls_ca_file is not None:
-        options["ssl_ca_certs"] = str(settings.tls_ca_file)
-    return options
+    return _client_broker.redis_tls_options(url, settings)
 
 
 def broker_tls_options(url: str, settings: Settings) -> dict[str, Any] | None:
@@ -75,20 +64,7 @@ def broker_tls_options(url: str, settings: Settings) -> dict[str, Any] | None:
     (py-amqp checks the host name only when given `server_hostname`; None
     makes kombu fill in the URL's host).
     """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    ca_file = str(settings.tls_ca_file) if settings.tls_ca_file is not None else None
-    if scheme == "rediss":
-        if not settings.tls_verify:
-            return {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_check_hostname": False}
-        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
-        if ca_file is not None:
-            options["ssl_ca_certs"] = ca_file
-        return options
-    if scheme == "amqps":
-        if not settings.tls_verify:
-            return {"cert_reqs": ssl.CERT_NONE}
-        return {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": ca_file, "server_hostname": None}
-    return None
+    return _client_broker.broker_tls_options(url, settings)
 
 
 def connect(redis_url: str | None, settings: Settings | None = None) -> redis.Redis:

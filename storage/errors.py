@@ -1,35 +1,8 @@
-"""The one error type for values that cannot be accepted.
-
-Callers (ingest, replay, the CLI) need to tell "this input is bad" from every
-other failure, and the message must name the field that is wrong so that a
-dead letter says why it was rejected.
+"""Moved to `adaptive_worker_client.errors` (the client distribution): the run-record
+format and its rules are the contract between agents, the runtime and the workers,
+so they are defined once, in the package agents install. Re-exported here so every
+server import keeps working.
 """
 
-from __future__ import annotations
-
-from pydantic import ValidationError
-
-
-class InvalidRecord(ValueError):
-    """A value that does not match the runtime's wire form.
-
-    `problems` holds `(field path, message)` pairs; the string form joins them,
-    e.g. `calls.0.started_at: not an RFC 3339 timestamp: 'yesterday'`.
-    """
-
-    def __init__(self, kind: str, problems: list[tuple[str, str]]) -> None:
-        self.kind = kind
-        self.problems = problems
-        detail = "; ".join(f"{path or '<root>'}: {msg}" for path, msg in problems)
-        super().__init__(f"invalid {kind}: {detail}")
-
-    @classmethod
-    def from_validation_error(cls, kind: str, exc: ValidationError) -> InvalidRecord:
-        problems = []
-        for err in exc.errors(include_url=False):
-            path = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, ") :]
-            problems.append((path, msg))
-        return cls(kind, problems)
+from adaptive_worker_client.errors import *  # noqa: F403
+from adaptive_worker_client.errors import __all__  # noqa: F401

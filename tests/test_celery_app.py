@@ -27,7 +27,7 @@ from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
 
 import worker.celery as celery_module
-from tasks.client import RunClient
+from adaptive_worker_client import RunClient
 from worker.celery import (
     INGEST_QUEUE,
     INGEST_TASK,
@@ -191,7 +191,7 @@ def test_a_worker_consumes_the_clients_runs_and_not_pickle(
     received: list[list[str]] = []
     done = threading.Event()
 
-    @app.task(name=INGEST_TASK)
+    @app.task(name=INGEST_TASK, shared=False)  # shared, it would replace the real task
     def ingest(payloads: list[str]) -> None:
         received.append(payloads)
         done.set()

@@ -27,15 +27,17 @@ from typing import Any
 import pytest
 import redis
 
-import tasks.client as client_module
-from storage.errors import InvalidRecord
-from storage.models import RunRecord, parse_wire
-from tasks.client import BufferFull, RunClient, spool_scope
+import adaptive_worker_client.api as client_module
+import adaptive_worker_client.config as client_config
+from adaptive_worker_client import BufferFull, RunClient, spool_scope
+from adaptive_worker_client.contract import INGEST_QUEUE, INGEST_TASK
+from adaptive_worker_client.errors import InvalidRecord
+from adaptive_worker_client.wire import RunRecord, parse_wire
 from tests.conftest import AMQP_URL, needs_rabbitmq
 from tests.goldens import load_capture
 from tests.hostile import violations
 from tests.private_redis import PrivateRedis, private_redis
-from worker.celery import INGEST_QUEUE, INGEST_TASK, broker_key_prefix
+from worker.celery import broker_key_prefix
 from worker.settings import Settings, load_settings
 
 pytestmark = pytest.mark.redis
@@ -533,7 +535,7 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 EXIT_SCRIPT = """
     import uuid
-    from tasks.client import submit_run
+    from adaptive_worker_client import submit_run
     for i in range(20):
         submit_run({"id": str(uuid.UUID(int=i + 1)), "agent_id": "exit", "calls": [],
                     "started_at": "2025-01-01T00:00:00Z", "seq": i})
@@ -567,7 +569,7 @@ def test_exit_during_an_outage_leaves_a_spool_the_next_process_replays(
 
     outage.start()
     assert ingest_messages(outage.client(), prefix) == []
-    done = _python("from tasks.client import flush; assert flush(10)", env)
+    done = _python("from adaptive_worker_client import flush; assert flush(10)", env)
     assert done.returncode == 0, done.stderr
     assert seqs(payloads(ingest_messages(outage.client(), prefix))) == list(range(20))
     assert list(spool.iterdir()) == []
@@ -580,8 +582,8 @@ def test_module_functions_use_one_lazy_default_client(
     monkeypatch: pytest.MonkeyPatch, rds: redis.Redis, prefix: str, spool: Path
 ) -> None:
     monkeypatch.setattr(client_module, "_default", None)
-    monkeypatch.setattr(client_module, "get_settings", lambda: make_settings(prefix, spool))
-    from tasks.client import default_client, flush, stats, submit_run, submit_runs
+    monkeypatch.setattr(client_config, "get_settings", lambda: make_settings(prefix, spool))
+    from adaptive_worker_client import default_client, flush, stats, submit_run, submit_runs
 
     submit_run(run(0))
     submit_runs([run(1), run(2)])

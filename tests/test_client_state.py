@@ -1,4 +1,4 @@
-"""Reading the learned state back (`tasks.client`: StateReader, load_plan, load_hints,
+"""Reading the learned state back (`adaptive_worker_client`: StateReader, load_plan, load_hints,
 load_stability), against the real Redis, one private key prefix per test.
 
 State is put in place either by replaying the captured runs through this
@@ -25,12 +25,13 @@ from typing import Any
 import pytest
 import redis
 
-import tasks.client as client_module
-from storage.errors import InvalidRecord
-from storage.models import ExecutionPlan, StabilityAnalysisResult, parse_wire
+import adaptive_worker_client.api as client_module
+import adaptive_worker_client.config as client_config
+from adaptive_worker_client import StateReader, StateUnavailable
+from adaptive_worker_client.errors import InvalidRecord
+from adaptive_worker_client.wire import ExecutionPlan, StabilityAnalysisResult, parse_wire
 from storage.store import Store
-from tasks.client import StateReader, StateUnavailable
-from tasks.learning import ingest, learn_agent
+from tasks.learning import catch_up, ingest
 from tests.conftest import REDIS_URL
 from tests.goldens import CAPTURES, FIXTURES, Capture, assert_json_close, load_capture
 from worker.engine.fold import EngineConfig
@@ -118,7 +119,7 @@ def _runtime_hints(pred: dict[str, Any], agent: str, depth: int, call_index: int
 def _learn(store: Store, runs: list[str]) -> None:
     """This project's own pipeline: ingest, then learn until caught up."""
     ingest(store, runs, 8 << 20)
-    summary = learn_agent(
+    summary = catch_up(
         store,
         json.loads(runs[0])["agent_id"],
         max_runs=100,
@@ -490,7 +491,7 @@ def test_unusable_values_are_treated_as_absent(
     bad: str, real_store: Store, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """As the runtime drops a key it cannot parse (SPEC 6c): None, counted, logged."""
-    caplog.set_level(logging.WARNING, logger="tasks.client")
+    caplog.set_level(logging.WARNING, logger="adaptive_worker_client.reader")
     agent = "cap-agent"
     for key in (real_store.keys.plan(agent), real_store.keys.trie(agent)):
         if bad == "list":
@@ -524,7 +525,7 @@ def test_module_functions_use_one_lazy_reader(
     cap = load_capture("relay-openai")
     agent = cap.agent_id
     _write_captured(real_store, cap)
-    monkeypatch.setattr(client_module, "get_settings", lambda: settings(prefix))
+    monkeypatch.setattr(client_config, "get_settings", lambda: settings(prefix))
     monkeypatch.setattr(client_module, "_default_reader", None)
 
     plan = client_module.load_plan(agent)

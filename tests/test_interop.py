@@ -35,17 +35,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from adaptive_worker_client.relay import (
+    SEED_FAILURE_EVENTS,
+    RunRecordExporter,
+    runtime_timestamp,
+    uuid7,
+)
 from storage.store import Store
-from tasks.learning import ingest, learn_agent
+from tasks.learning import catch_up, ingest
 from tasks.maintenance import owned_learning_keys
 from tasks.mixed import check_foreign_writes, recover
-from tasks.relay import SEED_FAILURE_EVENTS, RunRecordExporter, runtime_timestamp, uuid7
 from tests.conftest import REDIS_URL
 from tests.engine.test_fold_properties import AGENT as PROP_AGENT
 from tests.engine.test_fold_properties import runs as run_streams
 from tests.pipeline import celery_workers, wait_until, worker_env
 from worker.cli import app as cli
-from worker.engine.fold import EngineConfig
+from worker.engine.fold import EngineConfig, without_volatile
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.interop
@@ -109,13 +114,7 @@ def agent_state(client: redis.Redis, prefix: str, agent: str) -> dict[str, Any]:
     for key, raw in store.get_many(keys).items():
         if raw is None:
             continue
-        value = json.loads(raw)
-        rest = key[len(prefix) :]
-        if rest.startswith("trie:"):
-            value["generated_at"] = None
-        elif rest.startswith("acg_observations:"):
-            value = [{**o, "ir_id": None, "created_at": None} for o in value]
-        out[rest] = value
+        out[key[len(prefix) :]] = without_volatile(k.runtime_kind(key) or "", json.loads(raw))
     return out
 
 
@@ -279,7 +278,7 @@ def test_fresh_agent_loads_our_state_and_sends_our_hints(
     assert control["serialized"] == [0, 0]
 
     # Our hints, in the header and in nvext.agent_hints, equal load_hints.
-    from tasks.client import StateReader
+    from adaptive_worker_client import StateReader
 
     reader = StateReader(
         load_settings(_env_file=None, redis_url=REDIS_URL, key_prefix=d.store.keys.prefix),
@@ -383,7 +382,7 @@ def test_foreign_write_at_unchanged_version_is_named_without_a_refold(prefix: st
     from bench.workload import synthetic_runs
 
     ingest(store, [json.dumps(r) for r in synthetic_runs(6, agent_id="a")], 1 << 20)
-    learn_agent(store, "a", max_runs=100, config=CONFIG)
+    catch_up(store, "a", max_runs=100, config=CONFIG)
     assert check_foreign_writes(store, "a", config=CONFIG).clean
     plan = json.loads(store.client.get(store.keys.plan("a")))
     plan["parallel_groups"] = plan["parallel_groups"][:1]
@@ -419,7 +418,7 @@ def test_the_runtime_parses_everything_our_writers_write(
         store = Store(real_redis, prefix)
         result = ingest(store, [json.dumps(r) for r in stream], 1 << 24)
         assert not result.rejected
-        learn_agent(store, PROP_AGENT, max_runs=500, config=CONFIG)
+        catch_up(store, PROP_AGENT, max_runs=500, config=CONFIG)
         keys = store.keys
         has_plan = store.client.exists(keys.plan(PROP_AGENT))
         has_stability = store.client.exists(keys.acg_stability(PROP_AGENT))
@@ -580,7 +579,7 @@ class _FakeRuntime:
 def fake_relay(monkeypatch: pytest.MonkeyPatch) -> type[_FakeRuntime]:
     import types
 
-    import tasks.relay
+    import adaptive_worker_client.relay._common as relay_common
 
     async def flush_async() -> None:
         return None
@@ -589,7 +588,7 @@ def fake_relay(monkeypatch: pytest.MonkeyPatch) -> type[_FakeRuntime]:
         adaptive=types.SimpleNamespace(AdaptiveRuntime=_FakeRuntime),
         subscribers=types.SimpleNamespace(flush_async=flush_async),
     )
-    monkeypatch.setattr(tasks.relay, "_relay", lambda: fake)
+    monkeypatch.setattr(relay_common, "_relay", lambda: fake)
     _FakeRuntime.made = []
     _FakeRuntime.fail_next = False
     return _FakeRuntime
@@ -600,8 +599,8 @@ def test_state_watcher_replaces_the_runtime_only_for_new_loadable_state(
 ) -> None:
     import asyncio
 
+    from adaptive_worker_client.relay import StateWatcher
     from bench.workload import synthetic_runs
-    from tasks.relay import StateWatcher
 
     client = fakeredis.FakeRedis(decode_responses=True)
     store = Store(client, prefix)
@@ -619,7 +618,7 @@ def test_state_watcher_replaces_the_runtime_only_for_new_loadable_state(
     def learn(n: int, seed: int) -> None:
         runs = [json.dumps(r) for r in synthetic_runs(n, agent_id="a", seed=seed)]
         ingest(store, runs, 1 << 20)
-        learn_agent(store, "a", max_runs=100, config=CONFIG)
+        catch_up(store, "a", max_runs=100, config=CONFIG)
 
     async def scenario() -> None:
         await watcher.start()

@@ -21,9 +21,9 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tasks.client import RunClient
 from tests.conftest import AMQP_URL, REDIS_URL, needs_rabbitmq
 from tests.pipeline import caught_up, celery_workers, dump_state, wait_until, worker_env
 from worker.cli import app as cli

@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 import redis
 
+from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tasks.client import RunClient
 from tests.conftest import REDIS_URL
 from tests.pipeline import Workers, caught_up, celery_workers, wait_until, worker_env
 from worker.celery import INGEST_TASK, create_app

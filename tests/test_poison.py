@@ -39,10 +39,10 @@ from kombu import Connection, Exchange, Producer
 from kombu.message import Message
 from kombu.serialization import dumps as kombu_dumps
 
+from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
 from tasks import jobs
-from tasks.client import RunClient
 from tests.conftest import AMQP_URL, REDIS_URL, needs_rabbitmq
 from tests.pipeline import Worker, celery_workers, wait_until, worker_env
 from worker import guard

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.client import RunClient, spool_scope
+from adaptive_worker_client import RunClient, spool_scope
+from adaptive_worker_client.contract import INGEST_QUEUE
 from tests.private_redis import PrivateRedis, private_redis
-from worker.celery import INGEST_QUEUE
 from worker.settings import Settings, load_settings
 
 pytestmark = pytest.mark.redis
@@ -242,7 +242,7 @@ def test_a_spool_someone_else_could_write_is_refused_and_kept(
 
     c = RunClient(settings)
     clients.append(c)
-    with caplog.at_level(logging.ERROR, logger="tasks.client"):
+    with caplog.at_level(logging.ERROR, logger="adaptive_worker_client.publisher"):
         c.submit_run(run(1))
         assert c.flush(10)
         assert c.flush(10)  # a second scan neither adopts nor logs it again

@@ -33,10 +33,10 @@ import pytest
 import redis
 
 import storage.connection as connection_module
+from adaptive_worker_client import RunClient, StateReader, StateUnavailable
 from storage.connection import broker_tls_options, connect, redis_tls_options
 from storage.errors import InvalidRecord
 from storage.store import Store
-from tasks.client import RunClient, StateReader, StateUnavailable
 from tests.pipeline import caught_up, celery_workers, wait_until, worker_env
 from tests.private_redis import PrivateRedis, free_port
 from worker.celery import create_app

@@ -26,44 +26,65 @@ import sys
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
 
-from storage.connection import broker_tls_options
-from storage.keys import OWN
+# Names, queues and the broker pieces the agent-side client shares: one
+# definition, in the client package. Re-exported here for old imports only;
+# new code imports them from `adaptive_worker_client.contract`.
+from adaptive_worker_client.broker import (
+    AMQP_SCHEMES,
+    REDIS_SCHEMES,
+    TASK_ROUTES,
+    broker_scheme,
+    common_conf,
+    task_queues,
+)
+from adaptive_worker_client.contract import (
+    DISCOVER_TASK,
+    INGEST_QUEUE,
+    INGEST_TASK,
+    LEARN_QUEUE,
+    LEARN_TASK,
+    MAINTENANCE_QUEUE,
+    QUEUES,
+    REBUILD_ALL_TASK,
+    REBUILD_TASK,
+    RETENTION_TASK,
+)
+from adaptive_worker_client.contract import broker_key_prefix as _broker_key_prefix
+from tasks.schedule import beat_schedule
 from worker.settings import Settings, SettingsError, get_settings
 
-INGEST_QUEUE = "adaptive.ingest"
-LEARN_QUEUE = "adaptive.learn"
-MAINTENANCE_QUEUE = "adaptive.maintenance"
-QUEUES = (INGEST_QUEUE, LEARN_QUEUE, MAINTENANCE_QUEUE)
-
-INGEST_TASK = "adaptive.ingest_runs"
-LEARN_TASK = "adaptive.learn_agent"
-DISCOVER_TASK = "adaptive.discover"
-REBUILD_TASK = "adaptive.rebuild_agent"
-REBUILD_ALL_TASK = "adaptive.rebuild_all"
-RETENTION_TASK = "adaptive.retention"
+__all__ = [
+    "AMQP_SCHEMES",
+    "DISCOVER_TASK",
+    "INGEST_QUEUE",
+    "INGEST_TASK",
+    "LEARN_QUEUE",
+    "LEARN_TASK",
+    "MAINTENANCE_QUEUE",
+    "QUEUES",
+    "REBUILD_ALL_TASK",
+    "REBUILD_TASK",
+    "REDIS_SCHEMES",
+    "RETENTION_TASK",
+    "TASK_MODULES",
+    "TASK_ROUTES",
+    "app",
+    "beat_schedule",
+    "broker_key_prefix",
+    "broker_scheme",
+    "configure",
+    "create_app",
+    "task_queues",
+    "transport_options",
+]
 
 TASK_MODULES = ("tasks.jobs",)
-
-# Glob patterns, matched in order: the first match wins.
-TASK_ROUTES: dict[str, dict[str, str]] = {
-    "adaptive.ingest_*": {"queue": INGEST_QUEUE},
-    "adaptive.learn_*": {"queue": LEARN_QUEUE},
-    "adaptive.*": {"queue": MAINTENANCE_QUEUE},
-}
-
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "socket"})
-AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
-
-
-def broker_scheme(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
 def broker_key_prefix(settings: Settings) -> str:
     """Prefix of every broker key on a Redis broker (kombu `global_keyprefix`)."""
-    return f"{settings.key_prefix}{OWN}:celery:"
+    return _broker_key_prefix(settings.key_prefix)
 
 
 def transport_options(settings: Settings, url: str | None = None) -> dict[str, Any]:
@@ -89,28 +110,16 @@ def transport_options(settings: Settings, url: str | None = None) -> dict[str, A
     return {}
 
 
-def task_queues() -> tuple[Queue, ...]:
-    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
-
-
 def configure(app: Celery, settings: Settings) -> Celery:
     """Apply the settings to `app` (the module's app, a test's or the client's)."""
     url = settings.effective_broker_url
     hard_limit = settings.task_time_limit_s
     app.conf.update(
-        broker_url=url,
+        # Broker URL and TLS, JSON only, no results, queues and routes: as
+        # the client's publisher (`adaptive_worker_client.broker`).
+        common_conf(settings, url),
         broker_transport_options=transport_options(settings, url),
-        # rediss:// / amqps://: verify the certificate (kombu's default for a
-        # rediss:// URL is CERT_NONE); None keeps TLS off on plain URLs.
-        broker_use_ssl=broker_tls_options(url, settings),
-        broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_connect_timeout_s,
-        # JSON only, everywhere a serializer is chosen.
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
         # Delivery.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -123,45 +132,15 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_time_limit=hard_limit,
         # The soft limit lets a learn re-queue its remainder before the kill.
         task_soft_time_limit=max(1, hard_limit * 9 // 10),
-        # Fire-and-forget: no result backend writes.
-        task_ignore_result=True,
-        task_store_errors_even_if_ignored=False,
-        # Queues and routes.
-        task_queues=task_queues(),
-        task_default_queue=MAINTENANCE_QUEUE,
-        task_default_exchange=MAINTENANCE_QUEUE,
-        task_default_routing_key=MAINTENANCE_QUEUE,
-        task_routes=(TASK_ROUTES,),
-        # Flower needs both.
+        # Flower needs both (the common part sends the sent events).
         worker_send_task_events=True,
-        task_send_sent_event=True,
         include=list(TASK_MODULES),
         beat_schedule=beat_schedule(settings),
         # Several beats must not double the schedule's effects: tasks are
         # idempotent; a short loop keeps the schedule responsive.
         beat_max_loop_interval=10,
-        enable_utc=True,
-        timezone="UTC",
     )
     return app
-
-
-def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Periodic tasks; each period comes from settings and None switches it off.
-
-    Every entry is idempotent, and `expires` drops a run that waited longer
-    than its own period (a backlog must not replay a pile of sweeps).
-    """
-    entries = {
-        "discover": (DISCOVER_TASK, settings.discover_interval_s),
-        "rebuild-all": (REBUILD_ALL_TASK, settings.rebuild_interval_s),
-        "retention": (RETENTION_TASK, settings.retention_interval_s),
-    }
-    return {
-        name: {"task": task, "schedule": period, "options": {"expires": period}}
-        for name, (task, period) in entries.items()
-        if period
-    }
 
 
 def create_app(settings: Settings | None = None, *, name: str = "adaptive") -> Celery:

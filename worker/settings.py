@@ -340,7 +340,22 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
+_INSTALLED: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make `settings` what `get_settings()` returns (None: the environment's again).
+
+    The command line passes its options (`--redis-url`, `--prefix`) to the
+    worker it starts this way, as a value, instead of rewriting os.environ
+    and hoping every cache reads it again.
+    """
+    global _INSTALLED
+    _INSTALLED = settings
+    get_settings.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Process-wide settings (read once; tests build their own with load_settings)."""
-    return load_settings()
+    return _INSTALLED if _INSTALLED is not None else load_settings()

@@ -26,7 +26,7 @@ from common import (
 from common import serialized_pairs as serialized
 from nemo_relay.adaptive import AdaptiveRuntime
 
-from tasks.relay import HINTS_HEADER, install_hints, recommended_config
+from adaptive_worker_client.relay import HINTS_HEADER, install_hints, recommended_config
 
 
 async def main() -> None:
@@ -51,7 +51,7 @@ async def main() -> None:
     await runtime.register()
     hook = None
     if not a.no_hints:
-        from tasks.client import StateReader  # slow to import: only when used
+        from adaptive_worker_client import StateReader  # slow to import: only when used
         from worker.settings import load_settings
 
         settings = load_settings(_env_file=None, redis_url=a.redis_url, key_prefix=a.prefix)

@@ -20,7 +20,7 @@ import time
 from common import TOOLS, FakeProvider, Timeline, drain, emit, run_once, run_script
 from nemo_relay.adaptive import AdaptiveRuntime, TelemetryConfig
 
-from tasks.relay import install_exporter, recommended_config
+from adaptive_worker_client.relay import install_exporter, recommended_config
 
 
 async def main() -> None:
@@ -55,7 +55,7 @@ async def main() -> None:
 
     client = exporter = None
     if a.export_prefix:
-        from tasks.client import RunClient  # slow to import: only when used
+        from adaptive_worker_client import RunClient  # slow to import: only when used
         from worker.settings import load_settings
 
         settings = load_settings(

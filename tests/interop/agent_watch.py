@@ -27,7 +27,7 @@ from common import (
 )
 from common import serialized_pairs as serialized
 
-from tasks.relay import StateWatcher, recommended_config
+from adaptive_worker_client.relay import StateWatcher, recommended_config
 from worker.settings import load_settings
 
 

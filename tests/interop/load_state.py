@@ -18,7 +18,7 @@ import sys
 from common import cache_facts, emit, run_script
 from nemo_relay.adaptive import AdaptiveRuntime
 
-from tasks.relay import recommended_config
+from adaptive_worker_client.relay import recommended_config
 
 
 async def main() -> None:

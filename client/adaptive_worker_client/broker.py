@@ -1,0 +1,168 @@
+"""The broker side both ends must agree on, and the publisher's own Celery app.
+
+The worker's app (`worker.celery`) and the client's publishing app are built
+from the same pieces here: queue declarations (an exchange declared with
+another type on one side is a channel error on the other), serializers (JSON
+only), the Redis broker's key prefix, TLS options. The client's app adds
+short timeouts of its own, since it publishes from inside an agent.
+Celery is imported when an app is built, not when this module is.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from adaptive_worker_client.contract import (
+    INGEST_QUEUE,
+    LEARN_QUEUE,
+    MAINTENANCE_QUEUE,
+    QUEUES,
+    broker_key_prefix,
+)
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Queue
+
+    from adaptive_worker_client.config import AgentSettings
+
+__all__ = [
+    "AMQP_SCHEMES",
+    "REDIS_SCHEMES",
+    "TASK_ROUTES",
+    "broker_scheme",
+    "broker_tls_options",
+    "common_conf",
+    "publisher_app",
+    "redis_tls_options",
+    "task_queues",
+]
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "socket"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+# Glob patterns, matched in order: the first match wins.
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    "adaptive.ingest_*": {"queue": INGEST_QUEUE},
+    "adaptive.learn_*": {"queue": LEARN_QUEUE},
+    "adaptive.*": {"queue": MAINTENANCE_QUEUE},
+}
+
+
+def broker_scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def task_queues() -> tuple[Queue, ...]:
+    from kombu import Exchange, Queue
+
+    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
+
+
+def redis_tls_options(url: str | None, settings: AgentSettings) -> dict[str, Any]:
+    """redis-py keyword arguments for a `rediss://` URL (none for any other URL).
+
+    Verified by default (certificate and host name, against `tls_ca_file`
+    when set), unless the operator opted out with `tls_verify=false`.
+    """
+    if not url or url.split("://", 1)[0].lower() != "rediss":
+        return {}
+    if not settings.tls_verify:
+        return {"ssl_cert_reqs": "none", "ssl_check_hostname": False}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.tls_ca_file)
+    return options
+
+
+def broker_tls_options(url: str, settings: AgentSettings) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl` for a TLS broker URL, None for a plain one.
+
+    None matters: on `amqp://` any `broker_use_ssl` would switch TLS on.
+    kombu takes redis-py's keys for `rediss://` and py-amqp's for `amqps://`
+    (py-amqp checks the host name only when given `server_hostname`; None
+    makes kombu fill in the URL's host). kombu's own default for a
+    `rediss://` URL is CERT_NONE, hence these explicit options.
+    """
+    scheme = broker_scheme(url)
+    ca_file = str(settings.tls_ca_file) if settings.tls_ca_file is not None else None
+    if scheme == "rediss":
+        if not settings.tls_verify:
+            return {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_check_hostname": False}
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+        if ca_file is not None:
+            options["ssl_ca_certs"] = ca_file
+        return options
+    if scheme == "amqps":
+        if not settings.tls_verify:
+            return {"cert_reqs": ssl.CERT_NONE}
+        return {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": ca_file, "server_hostname": None}
+    return None
+
+
+def common_conf(settings: AgentSettings, url: str) -> dict[str, Any]:
+    """Celery configuration both the worker's and the publisher's app need."""
+    return {
+        "broker_url": url,
+        "broker_use_ssl": broker_tls_options(url, settings),
+        "broker_connection_retry_on_startup": True,
+        # JSON only, everywhere a serializer is chosen: a pickle body from
+        # anyone who can write to the broker would be code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Fire-and-forget: no result backend writes.
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        # Queues and routes.
+        "task_queues": task_queues(),
+        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_default_exchange": MAINTENANCE_QUEUE,
+        "task_default_routing_key": MAINTENANCE_QUEUE,
+        "task_routes": (TASK_ROUTES,),
+        # Flower shows what was sent.
+        "task_send_sent_event": True,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def publisher_app(settings: AgentSettings) -> Celery:
+    """A private app for the client's publisher thread.
+
+    Short timeouts (`client_connect_timeout_s`): a publish runs inside an
+    agent and must fail fast to the spool, never stall it. Never Celery's
+    current app, so the agent's own Celery (if any) is left alone.
+    """
+    from celery import Celery
+
+    url = settings.effective_broker_url
+    timeout = settings.client_connect_timeout_s
+    scheme = broker_scheme(url)
+    options: dict[str, Any] = {}
+    if scheme in REDIS_SCHEMES:
+        options = {
+            "global_keyprefix": broker_key_prefix(settings.key_prefix),
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        }
+    elif scheme in AMQP_SCHEMES:
+        # Publisher confirms: a publish returns only once RabbitMQ has the
+        # message, so the client knows whether to spool it.
+        options = {"confirm_publish": True, "read_timeout": timeout, "write_timeout": timeout}
+    app = Celery("adaptive-client", set_as_current=False)
+    app.conf.update(
+        common_conf(settings, url),
+        broker_transport_options=options,
+        broker_connection_timeout=timeout,
+        broker_pool_limit=2,
+        # Nobody services heartbeats on a publish-only connection; an idle
+        # one dropped by the server is revived by the publish retry.
+        broker_heartbeat=0,
+    )
+    return app
