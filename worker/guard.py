@@ -52,11 +52,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from queue import Empty
 from typing import Annotated, Any, Literal
 
 import redis
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 from kombu.transport import pyamqp as kombu_amqp
@@ -89,6 +90,8 @@ COMPRESSION_REFUSED = "x-adaptive-compression-refused"
 # Celery's own argsrepr is at most 1024 characters plus an ellipsis; a
 # longer one would only be copied into every log line and task event.
 MAX_REPR = 4096
+# Our own delayed learns are due within a few seconds (linger, lease recheck).
+MAX_ETA_AHEAD_S = 300
 MAX_REASON = 500
 # Canvas options a protocol-2 message may carry; our tasks use none, and
 # each would make the worker publish further messages of the sender's choice.
@@ -113,6 +116,20 @@ class TaskArgs(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        # The strict JSON rule: a lone surrogate (`"\ud800"` in the JSON text)
+        # cannot be encoded, so an agent id holding one failed inside the task
+        # (a Redis key) with a traceback, and the message left no dead letter.
+        # Run payloads are not checked here: each is its own dead letter.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("holds a lone surrogate: not valid Unicode") from None
+        return value
+
 
 class NoArgs(TaskArgs):
     """A task that takes nothing (beat sweeps)."""
@@ -120,6 +137,9 @@ class NoArgs(TaskArgs):
 
 # Task name -> its argument shape; filled by `declare` next to each task.
 ARG_SHAPES: dict[str, type[TaskArgs]] = {}
+# Tasks whose messages carry data: expired, they are dead-lettered, not
+# silently discarded (a sweep that expired in a backlog is meant to be dropped).
+KEPT_ON_EXPIRY = frozenset({"adaptive.ingest_runs"})
 
 
 def declare(name: str, shape: type[TaskArgs]) -> None:
@@ -185,17 +205,43 @@ class Headers(BaseModel):
     argsrepr: str | None = Field(default=None, max_length=MAX_REPR)
     kwargsrepr: str | None = Field(default=None, max_length=MAX_REPR)
     ignore_result: bool | None = None
+    # Read when the request is handed to the pool, AFTER Celery reserved a
+    # pool slot for it: `stamped_headers: 42` raised there, and the slot was
+    # never given back (one such message stopped a -c 1 worker for good).
+    stamped_headers: list[str] | None = None
+    stamps: dict[str, Any] | None = None
 
     @field_validator("eta", "expires")
     @classmethod
     def _iso8601(cls, value: datetime | str | None) -> datetime | str | None:
-        # What Celery's `maybe_iso8601` will do with it in the consumer.
-        if isinstance(value, str):
-            try:
-                datetime.fromisoformat(value)
-            except ValueError:
-                raise ValueError(f"not an ISO 8601 date: {_short(value, 60)}") from None
+        # What Celery does with it in the consumer: `maybe_iso8601` (dateutil's
+        # ISO parser, not the stdlib's), made aware, and for an eta a local
+        # timestamp; a date that overflows there (year 1 at +14:00) made
+        # Celery drop the message with only a log line.
+        if value is None:
+            return value
+        try:
+            moment = maybe_iso8601(value) if value != "" else None
+            if moment is None:
+                raise ValueError("empty")
+            maybe_make_aware(moment).astimezone().timestamp()
+        except (ValueError, TypeError, OverflowError, AttributeError):
+            raise ValueError(f"not an ISO 8601 date: {_short(value, 60)}") from None
         return value
+
+    def eta_ahead_s(self) -> float:
+        """Seconds until the eta (0 without one or once it has passed)."""
+        if self.eta is None:
+            return 0.0
+        moment = maybe_make_aware(maybe_iso8601(self.eta))  # checked above
+        return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+    def expired(self) -> bool:
+        """True once `expires` has passed (Celery would discard the message unseen)."""
+        if self.expires is None:
+            return False
+        moment = maybe_make_aware(maybe_iso8601(self.expires))  # checked above
+        return bool(moment < datetime.now(UTC))
 
 
 # -------------------------------------------------------------------- checks
@@ -224,9 +270,19 @@ def check_headers(message: Message, max_depth: int) -> Headers:
             " (protocol 1 and foreign messages are not accepted)"
         )
     try:
-        return Headers.model_validate(dict(headers))
+        checked = Headers.model_validate(dict(headers))
     except ValidationError as exc:
         raise Poison(f"bad header {_first_error(exc)}") from None
+    if checked.eta_ahead_s() > MAX_ETA_AHEAD_S:
+        # A worker holds an eta message unacked; on Redis it is delivered
+        # again after every visibility timeout (kombu#337), so a far eta
+        # would circulate forever. Ours are a few seconds at most.
+        raise Poison(f"eta {_short(checked.eta, 40)} is more than {MAX_ETA_AHEAD_S} s ahead")
+    if checked.timelimit not in (None, [None, None]) and isinstance(headers, dict):
+        # The workers' own limits apply (ADAPTIVE_TASK_TIME_LIMIT_S): a sender's
+        # tiny soft limit made ingest raise mid-store and lose its runs.
+        headers["timelimit"] = [None, None]
+    return checked
 
 
 def check_body(message: Message, *, max_bytes: int) -> bytes:
@@ -288,6 +344,10 @@ def check_message(message: Message, *, max_bytes: int, max_depth: int) -> str:
     headers = check_headers(message, max_depth)
     if headers.task not in ARG_SHAPES:
         raise Poison(f"unknown task {_short(headers.task)}")
+    if headers.task in KEPT_ON_EXPIRY and headers.expired():
+        # Celery discards an expired message with an INFO line only: for an
+        # ingest message that is runs lost without a trace.
+        raise Poison(f"expired ({_short(headers.expires, 60)}) before a worker took it")
     check_body(message, max_bytes=max_bytes)
     too_deep = f"body JSON nested more than {MAX_MESSAGE_DEPTH} levels deep"
     try:
@@ -562,7 +622,12 @@ class GuardedRedisChannel(kombu_redis.Channel):
         """The decoded envelope, or None once a poison one is dead-lettered."""
         raw = item if isinstance(item, bytes) else item.encode("utf-8", "surrogatepass")
         try:
-            return kombu_json.loads(raw.decode("utf-8"))
+            envelope = kombu_json.loads(raw.decode("utf-8"))
+            if isinstance(envelope, dict):
+                return envelope
+            # Not only a kombu error: the entry `null` decoded to None, read
+            # as "already dead-lettered", and vanished without a trace.
+            reason = f"broker envelope is {_kind(envelope)}, not an object"
         except RecursionError:
             reason = f"broker envelope nested more than {MAX_MESSAGE_DEPTH} levels deep"
         except Exception as exc:  # any decoding failure is the envelope's fault
