@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from adaptive_worker_client.broker import delay_seconds
 from storage.connection import connect
 from storage.store import Store
 from tasks import learning, maintenance
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Connection trouble is retried with backoff; anything else is a bug or bad
 # data, which the functions below dead-letter instead of raising.
+# (Countdowns such as this one are whole seconds on RabbitMQ: `schedule_learn`.)
 LEASE_RECHECK_S = 0.5
 RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
@@ -85,11 +87,18 @@ def _config(settings: Settings) -> EngineConfig:
 def schedule_learn(
     store: Store, agents: list[str], settings: Settings, countdown: float | None = None
 ) -> list[str]:
-    """Enqueue a learn for each agent that has none pending; returns those enqueued."""
+    """Enqueue a learn for each agent that has none pending; returns those enqueued.
+
+    The countdown goes through `delay_seconds`: on RabbitMQ Celery delays
+    natively in whole seconds and raises ValueError under one, so the
+    lingering or re-checking learn would never be sent (the agent waits for
+    its next ingest or the discover sweep).
+    """
     enqueued = []
+    delay = delay_seconds(countdown, settings.effective_broker_url)
     for agent in store.mark_pending(agents, settings.learn_pending_ttl_s):
         try:
-            learn_agent.apply_async(args=[agent], argsrepr=f"<agent {agent}>", countdown=countdown)
+            learn_agent.apply_async(args=[agent], argsrepr=f"<agent {agent}>", countdown=delay)
             enqueued.append(agent)
         except Exception:
             # Without the message the marker would only delay the next try.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -32,6 +33,30 @@ def amqp_up() -> bool:
 
 
 needs_rabbitmq = pytest.mark.skipif(not amqp_up(), reason="no RabbitMQ on 127.0.0.1:5672")
+AMQP_HOST = AMQP_URL.rsplit("/", 2)[0]  # amqp://guest:guest@127.0.0.1:5672
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own (queue arguments of other runs never meet ours)."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+def vhost_url(vhost: str) -> str:
+    return f"{AMQP_HOST}/{vhost}"
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tests.conftest import AMQP_URL, REDIS_URL, needs_rabbitmq
+from tests.conftest import REDIS_URL, needs_rabbitmq, vhost_url
 from tests.pipeline import caught_up, celery_workers, dump_state, wait_until, worker_env
 from worker.cli import app as cli
 from worker.settings import load_settings
@@ -167,31 +167,22 @@ def test_kill_9_mid_learn_loses_and_doubles_nothing(
     assert real_store.dead_letter_count() == 0
 
 
-AMQP = AMQP_URL
-
-
 @needs_rabbitmq
 def test_rabbitmq_broker_learns_the_same(
-    real_store: Store, real_redis: redis.Redis, tmp_path: Path
+    real_store: Store, real_redis: redis.Redis, tmp_path: Path, vhost: str
 ) -> None:
-    """Broker on RabbitMQ, state on Redis: the same runs give the same counts."""
-    from kombu import Connection
-
-    from worker.celery import QUEUES
-
-    with Connection(AMQP) as conn:  # leftovers of other runs would be learned here
-        for name in QUEUES:
-            conn.SimpleQueue(name).clear()
+    """Broker on RabbitMQ (a vhost of its own), state on Redis: same runs, same counts."""
+    amqp = vhost_url(vhost)
     prefix = real_store.keys.prefix
     agent = "amqp-agent"
     runs = list(synthetic_runs(120, agent_id=agent, seed=3))
-    env = worker_env(prefix, REDIS_URL, broker_url=AMQP)
+    env = worker_env(prefix, REDIS_URL, broker_url=amqp)
     with celery_workers(env, tmp_path) as workers:
         workers.start("w1", concurrency=2)
         settings = load_settings(
             _env_file=None,
             redis_url=REDIS_URL,
-            broker_url=AMQP,
+            broker_url=amqp,
             key_prefix=prefix,
             client_spool_dir=tmp_path / "spool",
         )

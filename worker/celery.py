@@ -6,6 +6,9 @@ choices follow from how delivery really behaves (see NOTES-celery.md):
 
 - acks late + reject on worker lost: a task whose worker dies runs again
   instead of being lost; our tasks are idempotent, so running twice is safe.
+  On RabbitMQ the queues are quorum queues with a delivery limit, so a
+  message that kills its worker every time ends in our dead letters
+  (`worker/delivery_limit.py`) instead of looping.
 - prefetch 1: a long learn does not hold other messages hostage.
 - Redis redelivers anything unacked for longer than the visibility timeout,
   even while it still runs, so the hard time limit is at most half of it.
@@ -140,6 +143,12 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # idempotent; a short loop keeps the schedule responsive.
         beat_max_loop_interval=10,
     )
+    if broker_scheme(url) in AMQP_SCHEMES:
+        # RabbitMQ dead-letters a message past its delivery limit into a
+        # queue of its own; this step turns each into one of our dead letters.
+        from worker.delivery_limit import DeliveryLimitConsumer
+
+        app.steps["consumer"].add(DeliveryLimitConsumer)
     return app
 
 

@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         default=30.0,
         description="Workers: Redis socket timeout, so a half-open connection fails, not hangs.",
     )
+    broker_delivery_limit: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=20,
+        description=(
+            "RabbitMQ: a message returned unacked more often than this (its worker died on it)"
+            " goes to our dead letters; agents and workers must agree (a queue argument)."
+        ),
+    )
     task_time_limit_s: PositiveInt = Field(
         default=300,
         description="Hard task time limit; at most half the visibility timeout (soft limit: 90%).",
@@ -236,6 +243,25 @@ class Settings(BaseSettings):
             "Client: connect/socket timeout of state reads, which run on the agent's thread;"
             " after a failure the last good values are served for one TTL before retrying."
         ),
+    )
+    client_receipts: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Client: keep each published run until the state Redis shows it stored, republish"
+            " it if not (auto: on for Redis brokers; needs ADAPTIVE_REDIS_URL)."
+        ),
+    )
+    client_receipt_timeout_s: PositiveFloat = Field(
+        default=30.0,
+        description="Client: republish a run not seen stored this long after publishing (backoff).",
+    )
+    client_receipt_max_republish: NonNegativeInt = Field(
+        default=3,
+        description="Client: republishes of a run never seen stored before it is given up.",
+    )
+    client_receipt_max_bytes: PositiveInt = Field(
+        default=64 * 1024 * 1024,
+        description="Client: most bytes of published runs waiting for their receipt.",
     )
 
     @field_validator("task_time_limit_s")

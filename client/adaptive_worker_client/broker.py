@@ -10,6 +10,7 @@ Celery is imported when an app is built, not when this module is.
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AMQP_SCHEMES",
+    "DEAD_LETTER_QUEUE",
+    "DEFAULT_DELIVERY_LIMIT",
     "REDIS_SCHEMES",
     "TASK_ROUTES",
     "broker_scheme",
     "broker_tls_options",
     "common_conf",
+    "dead_letter_queue",
+    "delay_seconds",
     "publisher_app",
+    "quorum_arguments",
     "redis_tls_options",
     "task_queues",
 ]
@@ -54,10 +60,99 @@ def broker_scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def task_queues() -> tuple[Queue, ...]:
+# RabbitMQ: where a message goes once it was delivered more often than the
+# delivery limit without being acked (a worker killed on it again and again):
+# the worker consumes this queue and turns each message into one of our dead
+# letters (stage `delivery_limit`, `worker/delivery_limit.py`). Not a Celery
+# task queue: its messages are never run.
+DEAD_LETTER_QUEUE = "adaptive.dead"
+# RabbitMQ 4's own default for quorum queues (3.x has none: a message could
+# loop forever). A healthy message is redelivered only when its worker dies.
+DEFAULT_DELIVERY_LIMIT = 20
+# The dead-letter queue itself is requeued (with a pause) only while Redis
+# cannot take the dead letter; RabbitMQ 4 would drop it after 20 returns, and
+# -1 means "drop at the first return" on 3.x, so the limit is just very high.
+DEAD_QUEUE_DELIVERY_LIMIT = 1_000_000_000
+
+
+def quorum_arguments(delivery_limit: int) -> dict[str, Any]:
+    """`queue_arguments` of our task queues on RabbitMQ.
+
+    Explicit: with explicit `task_queues`, Celery's `task_default_queue_type`
+    does not apply. Replicated (quorum), a delivery limit so a message that
+    keeps killing its worker cannot loop forever, and at-least-once dead
+    lettering (which needs `reject-publish` overflow) so RabbitMQ keeps such a
+    message until our dead-letter queue has it instead of dropping it.
+    RabbitMQ refuses to redeclare a queue with other arguments, so agents and
+    workers must use the same `delivery_limit` (one setting).
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_QUEUE,
+        "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def task_queues(url: str = "", delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> tuple[Queue, ...]:
+    """Our three queues: classic lists on Redis, durable quorum queues on RabbitMQ.
+
+    On RabbitMQ each exchange is a topic exchange: Celery's native delayed
+    delivery (switched on by quorum queues) can only route a countdown
+    message back through topic exchanges; with a direct one the worker holds
+    the message itself until its ETA, blocking the consumer's only prefetch
+    slot meanwhile. A topic binding on the queue's own name routes exactly as
+    a direct one would.
+    """
     from kombu import Exchange, Queue
 
+    if broker_scheme(url) in AMQP_SCHEMES:
+        arguments = quorum_arguments(delivery_limit)
+        return tuple(
+            Queue(
+                name,
+                Exchange(name, type="topic", durable=True),
+                routing_key=name,
+                durable=True,
+                queue_arguments=arguments,
+            )
+            for name in QUEUES
+        )
     return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
+
+
+def dead_letter_queue() -> Queue:
+    """The RabbitMQ queue our queues dead-letter into (see `DEAD_LETTER_QUEUE`)."""
+    from kombu import Exchange, Queue
+
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(DEAD_LETTER_QUEUE, type="direct", durable=True),
+        routing_key=DEAD_LETTER_QUEUE,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DEAD_QUEUE_DELIVERY_LIMIT,
+        },
+    )
+
+
+def delay_seconds(countdown: float | None, url: str) -> float | None:
+    """A task countdown the broker can honour.
+
+    On RabbitMQ with quorum queues Celery delays natively, in whole seconds
+    (`int(countdown)` picks the delay queues), and a countdown under 1 s
+    raises `ValueError: countdown must be a positive number` at publish. So
+    there a positive countdown is rounded up to whole seconds; elsewhere, and
+    for no delay at all, it is left alone.
+    """
+    if not countdown or countdown <= 0:
+        return None
+    if broker_scheme(url) in AMQP_SCHEMES:
+        return float(math.ceil(countdown))
+    return countdown
 
 
 def redis_tls_options(url: str | None, settings: AgentSettings) -> dict[str, Any]:
@@ -118,7 +213,7 @@ def common_conf(settings: AgentSettings, url: str) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
         # Queues and routes.
-        "task_queues": task_queues(),
+        "task_queues": task_queues(url, settings.broker_delivery_limit),
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_default_exchange": MAINTENANCE_QUEUE,
         "task_default_routing_key": MAINTENANCE_QUEUE,

@@ -44,6 +44,7 @@ class AgentSettings(Protocol):
     max_json_depth: int
     tls_verify: bool
     tls_ca_file: Path | None
+    broker_delivery_limit: int
     client_buffer_max_runs: int
     client_buffer_max_bytes: int
     client_batch_max_runs: int
@@ -59,6 +60,10 @@ class AgentSettings(Protocol):
     client_exit_timeout_s: float
     client_state_ttl_s: float
     client_state_timeout_s: float
+    client_receipts: Literal["auto", "on", "off"]
+    client_receipt_timeout_s: float
+    client_receipt_max_republish: int
+    client_receipt_max_bytes: int
 
     @property
     def effective_broker_url(self) -> str: ...
@@ -110,6 +115,13 @@ def _ca_file(text: str) -> Path | None:
     return path
 
 
+def _receipts(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "on", "off"):
+        raise ValueError("must be auto, on or off")
+    return value
+
+
 def _overflow(text: str) -> str:
     if text not in ("drop_oldest", "drop_newest"):
         raise ValueError("must be drop_oldest or drop_newest")
@@ -132,6 +144,7 @@ class ClientSettings:
     max_json_depth: int = 128
     tls_verify: bool = True
     tls_ca_file: Path | None = None
+    broker_delivery_limit: int = 20
     client_buffer_max_runs: int = 10_000
     client_buffer_max_bytes: int = 64 * 1024 * 1024
     client_batch_max_runs: int = 100
@@ -147,6 +160,10 @@ class ClientSettings:
     client_exit_timeout_s: float = 2.0
     client_state_ttl_s: float = 5.0
     client_state_timeout_s: float = 0.5
+    client_receipts: Literal["auto", "on", "off"] = "auto"
+    client_receipt_timeout_s: float = 30.0
+    client_receipt_max_republish: int = 3
+    client_receipt_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def embedded(self) -> bool:
@@ -169,6 +186,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_json_depth": _number(int, 8, 256),
     "tls_verify": _bool,
     "tls_ca_file": _ca_file,
+    "broker_delivery_limit": _number(int, 1, 1_000_000),
     "client_buffer_max_runs": _POS_INT,
     "client_buffer_max_bytes": _POS_INT,
     "client_batch_max_runs": _POS_INT,
@@ -184,6 +202,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "client_exit_timeout_s": _NONNEG_FLOAT,
     "client_state_ttl_s": _NONNEG_FLOAT,
     "client_state_timeout_s": _POS_FLOAT,
+    "client_receipts": _receipts,
+    "client_receipt_timeout_s": _POS_FLOAT,
+    "client_receipt_max_republish": _number(int, 0),
+    "client_receipt_max_bytes": _POS_INT,
 }
 
 
