@@ -20,6 +20,8 @@ from adaptive_worker_client.contract import (
     LEARNING_KEY_SEPARATOR,
     OWN,
     RUNTIME_KEY_TEMPLATES,
+    STORED_AT_KEY_TEMPLATE,
+    TOMBSTONES_KEY_TEMPLATE,
     agent_id_problem,
     broker_key_prefix,
 )
@@ -101,7 +103,7 @@ class Keys:
         Lets `store_runs` refuse a late duplicate of a trimmed run, which
         would otherwise be stored and learned a second time.
         """
-        return f"{self.prefix}{OWN}:tombstones:{agent_id}"
+        return TOMBSTONES_KEY_TEMPLATE.format(prefix=self.prefix, agent_id=agent_id)
 
     def staging(self, agent_id: str, n: int) -> str:
         """Scratch key `n` of a rebuild in progress, swapped in by RENAME."""
@@ -120,9 +122,10 @@ class Keys:
         """Sorted set: run id -> Redis server time (s) when we stored it.
 
         Age retention goes by this, not by the run's own timestamps, so one
-        client with a bad clock cannot pin an agent's history.
+        client with a bad clock cannot pin an agent's history. The client's
+        receipts read it too (hence its template in the contract).
         """
-        return f"{self.prefix}{OWN}:stored_at:{agent_id}"
+        return STORED_AT_KEY_TEMPLATE.format(prefix=self.prefix, agent_id=agent_id)
 
     def verified(self, agent_id: str) -> str:
         """Hash: the last clean foreign-write check (`version`, `digests` JSON), see tasks.mixed."""

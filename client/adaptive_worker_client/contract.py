@@ -34,6 +34,8 @@ __all__ = [
     "REBUILD_TASK",
     "RETENTION_TASK",
     "RUNTIME_KEY_TEMPLATES",
+    "STORED_AT_KEY_TEMPLATE",
+    "TOMBSTONES_KEY_TEMPLATE",
     "agent_id_problem",
     "broker_key_prefix",
     "ingest_args",
@@ -85,6 +87,14 @@ LEARNING_KEY_SEPARATOR: Final = "::"
 # integration polls to know when to reload (`relay.watcher`).
 CURSOR_KEY_TEMPLATE: Final = "{prefix}" + OWN + ":cursor:{agent_id}"
 PUBLISHED_VERSION_FIELD: Final = "version"
+
+# Read by the client's receipts (`receipts.py`) to learn which runs arrived:
+# the store script adds a run id to the agent's stored-at zset in the same
+# atomic step that stores the run, and retention moves it from there to the
+# tombstone zset when it deletes the run, so an id is in one of the two from
+# the moment its run is stored on.
+STORED_AT_KEY_TEMPLATE: Final = "{prefix}" + OWN + ":stored_at:{agent_id}"
+TOMBSTONES_KEY_TEMPLATE: Final = "{prefix}" + OWN + ":tombstones:{agent_id}"
 
 
 def runtime_key(kind: str, prefix: str, **parts: str) -> str:

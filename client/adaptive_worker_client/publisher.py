@@ -12,6 +12,11 @@ Why it looks like this:
   everything that goes wrong is counted in `stats()` and logged.
 - What the broker did not take goes to the disk spool (`spool.py`) and is
   replayed when the broker answers again.
+- On a Redis broker a message can still vanish after the broker took it
+  (kombu pops it, then records it as unacked: a worker killed in between
+  loses it). With receipts on (`client_receipts`, `receipts.py`) every
+  published run is kept until the state Redis shows it stored, and
+  republished if it does not show up in time.
 - Delivery is at-least-once (a batch whose publish timed out may have
   arrived, a spool segment may be replayed twice after a crash); ingest on
   the worker is idempotent per run id, so duplicates cost nothing.
@@ -51,9 +56,11 @@ from adaptive_worker_client.encode import (
     invalid,
 )
 from adaptive_worker_client.errors import BufferFull, ClientClosed, InvalidRecord
+from adaptive_worker_client.receipts import ReceiptLedger, receipts_enabled
 from adaptive_worker_client.spool import Spool, UnsafeSpool, default_spool_dir, spool_scope
 
 if TYPE_CHECKING:
+    import redis
     from celery import Celery
 
     from adaptive_worker_client.config import AgentSettings
@@ -65,6 +72,16 @@ log = logging.getLogger(__name__)
 _ORPHAN_SCAN_S = 60.0
 _DROP_LOG_S = 60.0
 _REPLAY_BATCHES_PER_CYCLE = 16
+_RECEIPT_STATS = (
+    "receipts_pending",
+    "receipts_pending_bytes",
+    "confirmed",
+    "republished",
+    "unconfirmed",
+    "untracked",
+    "receipt_checks",
+    "receipt_commands",
+)
 
 
 class RunClient:
@@ -143,6 +160,15 @@ class RunClient:
         self._dropped_spool = 0
         self._corrupt = 0
         self._errors = 0
+        self._receipts: ReceiptLedger | None = None
+        if receipts_enabled(self.settings):
+            self._receipts = ReceiptLedger(self.settings, self._state_redis)
+
+    def _state_redis(self) -> redis.Redis:
+        """The receipts' Redis client, made on the first check (imports redis-py then)."""
+        from adaptive_worker_client.reader import state_client
+
+        return state_client(self.settings)
 
     # ------------------------------------------------------------ agent side
 
@@ -361,6 +387,14 @@ class RunClient:
         spool lines skipped; errors: failed publishes, spool I/O errors and
         corrupt lines. Without adopted spools, submitted = published +
         dropped + buffered + inflight + spool_runs.
+
+        Receipts (`receipts` True when on, see `receipts.py`):
+        receipts_pending(_bytes): published runs not seen stored yet;
+        confirmed: runs seen stored; republished: republishes sent (not in
+        `published`); unconfirmed: runs given up, never seen stored;
+        untracked: published runs the worker will dead-letter at once (no
+        valid id or agent id), not waited for; receipt_checks,
+        receipt_commands: round trips and Redis commands the checks cost.
         """
         with self._lock:
             buffered, buffered_bytes = len(self._buffer), self._buffer_bytes
@@ -374,6 +408,8 @@ class RunClient:
             spools = [s for s in (self._spool, *self._adopted) if s is not None and not s.closed]
             spool_runs = sum(s.live_runs for s in spools)
             spool_bytes = sum(s.live_bytes for s in spools)
+        ledger = self._receipts
+        receipts = ledger.stats() if ledger is not None else dict.fromkeys(_RECEIPT_STATS, 0)
         return {
             "submitted": submitted,
             "published": self._published,
@@ -392,6 +428,8 @@ class RunClient:
             "spool_bytes": spool_bytes,
             "broker_up": self._broker_up,
             "last_error": self._last_error,
+            "receipts": ledger is not None,
+            **receipts,
         }
 
     # -------------------------------------------------------- publisher side
@@ -451,9 +489,11 @@ class RunClient:
         now = time.monotonic()
         with self._spool_lock:
             pending = self._spool_pending()
-        if pending:
-            return max(0.0, self._retry_at - now)
-        return max(0.0, self._next_scan - now)
+        wake = self._retry_at if pending else self._next_scan
+        receipts = self._receipts.wake_at() if self._receipts is not None else None
+        if receipts is not None:
+            wake = min(wake, receipts)
+        return max(0.0, wake - now)
 
     def _spool_pending(self) -> bool:
         return any(s.live_bytes > 0 for s in (self._spool, *self._adopted) if s is not None)
@@ -476,6 +516,8 @@ class RunClient:
             self._adopt_orphans()
         if forced or now >= self._retry_at:
             self._replay(None if forced else _REPLAY_BATCHES_PER_CYCLE)
+        if self._receipts is not None:
+            self._check_receipts(self._receipts)
         with self._spool_lock:
             return not self._spool_pending() and self._broker_up is not False
 
@@ -491,6 +533,24 @@ class RunClient:
                 self._to_spool([r for b in batches[i:] for r in b])
                 return
             self._published += len(batch)
+            if self._receipts is not None:
+                self._receipts.track(batch)
+
+    def _check_receipts(self, ledger: ReceiptLedger) -> None:
+        """Republish the runs the ledger found missing, straight to the broker.
+
+        Not through the spool: they are in the ledger already, and a failed
+        republish is simply tried again one check interval later.
+        """
+        records = ledger.check()
+        if not records:
+            return
+        log.warning("republishing %d runs not seen stored in time", len(records))
+        batches = list(self._batches(records))
+        for i, batch in enumerate(batches):
+            if not self._publish(batch):
+                ledger.republish_failed([r for b in batches[i:] for r in b])
+                return
 
     def _batches(self, records: Sequence[Record]) -> Iterable[list[Record]]:
         max_runs = self.settings.client_batch_max_runs
@@ -616,6 +676,8 @@ class RunClient:
                     spool.consume(chunk)
                 self._published += len(chunk.records)
                 self._replayed += len(chunk.records)
+                if self._receipts is not None:
+                    self._receipts.track(chunk.records)
                 if chunk.corrupt:
                     self._corrupt += chunk.corrupt
                     self._errors += chunk.corrupt
