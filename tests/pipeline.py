@@ -49,6 +49,10 @@ class Worker:
     proc: subprocess.Popen[bytes]
     log: Path
 
+    def ready(self) -> bool:
+        """Celery logged " ready.": the worker consumes from now on."""
+        return b" ready." in self.log.read_bytes()
+
     def kill_group(self) -> None:
         """SIGKILL the worker and its pool children at once (a crash, not a shutdown)."""
         with suppress(ProcessLookupError):
@@ -73,6 +77,18 @@ class Workers:
     def start(
         self, name: str, concurrency: int = 2, timeout: float = 60.0, extra: tuple[str, ...] = ()
     ) -> Worker:
+        worker = self.spawn(name, concurrency, extra)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if worker.proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited:\n{worker.log.read_text()[-3000:]}")
+            if worker.ready():
+                return worker
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {name} not ready:\n{worker.log.read_text()[-3000:]}")
+
+    def spawn(self, name: str, concurrency: int = 2, extra: tuple[str, ...] = ()) -> Worker:
+        """Start a worker without waiting for it (a restart that boots while others work)."""
         log = self.logdir / f"{name}.log"
         cmd = [
             CELERY,
@@ -97,14 +113,7 @@ class Workers:
             )  # fmt: skip
         worker = Worker(name, proc, log)
         self.started.append(worker)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker {name} exited:\n{log.read_text()[-3000:]}")
-            if b" ready." in log.read_bytes():
-                return worker
-            time.sleep(0.1)
-        raise TimeoutError(f"worker {name} not ready:\n{log.read_text()[-3000:]}")
+        return worker
 
     def stop_all(self) -> None:
         for w in self.started:

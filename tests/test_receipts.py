@@ -221,12 +221,34 @@ def test_a_run_the_runtime_wrote_itself_counts_as_arrived() -> None:
     fake = fakeredis.FakeRedis(decode_responses=True)
     clock = Clock()
     ledger, keys = ledger_for(fake, clock)
-    ledger.track([record("a", 1), record("a", 2)])
+    ledger.track([record("a", 2), record("a", 1)])  # 1 published after 2
     fake.set(keys.run("a", run_id(1)), "{}")
     clock.now += 1.0
     republish = ledger.check()
     assert [json.loads(r[0])["id"] for r in republish] == [run_id(2)]
     assert (ledger.confirmed, ledger.republished, len(ledger)) == (1, 1, 1)
+
+
+def test_a_missing_run_is_held_while_nothing_published_after_it_is_stored() -> None:
+    """Workers behind (busy, killed, restarting) is not a loss: republishing then
+    would only add load when workers are scarce. Once a run published later is
+    seen stored, or after a few timeouts anyway, the missing run goes again."""
+    fake = fakeredis.FakeRedis(decode_responses=True)
+    clock = Clock()
+    ledger, keys = ledger_for(fake, clock)
+    ledger.track([record("a", 1), record("a", 2)])
+    clock.now += 1.0
+    assert ledger.check() == []  # neither stored: a backlog
+    assert (ledger.held, ledger.republished) == (2, 0)
+    fake.zadd(keys.stored_at("a"), {run_id(2): 1.0})  # the later one arrives
+    clock.now += 1.0
+    assert [json.loads(r[0])["id"] for r in ledger.check()] == [run_id(1)]
+    ledger.track([record("b", 3)])  # alone, nothing after it will ever vouch
+    republished = []
+    for _ in range(8):
+        clock.now += 1.0
+        republished += [json.loads(r[0])["id"] for r in ledger.check()]
+    assert run_id(3) in republished  # after at most 4 timeouts of holding
 
 
 def test_redis_down_judges_no_run_lost() -> None:

@@ -77,6 +77,7 @@ _RECEIPT_STATS = (
     "receipts_pending_bytes",
     "confirmed",
     "republished",
+    "receipts_held",
     "unconfirmed",
     "untracked",
     "receipt_checks",

@@ -60,6 +60,10 @@ __all__ = ["ReceiptLedger", "receipts_enabled", "run_identity"]
 log = logging.getLogger("adaptive_worker_client.publisher")
 
 _MAX_BACKOFF = 16  # a republished run waits at most 16 timeouts for its next check
+# A missing run with no later run of ours seen stored is held (a backlog,
+# not a loss) for at most this many timeouts, then republished anyway: the
+# last message before a quiet spell has no later run to vouch for the loss.
+_HOLD_FACTOR = 4
 _CHECK_BATCH = 2000  # runs per pipelined check (bounds one round trip's size)
 _LOG_S = 60.0
 
@@ -106,7 +110,8 @@ class _Entry:
     agent: str
     run_id: str
     due: float
-    seq: int
+    seq: int  # publish order
+    since: float  # when the broker took it
     republished: int = 0
 
 
@@ -133,6 +138,11 @@ class ReceiptLedger:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._heap: list[tuple[float, int, tuple[str, str]]] = []
         self._seq = 0
+        # Highest publish order seen stored: a missing run published before it
+        # was lost; one published after everything seen stored may only be
+        # waiting in a backlog (workers busy, killed or restarting), and
+        # republishing it then would only add load when workers are scarce.
+        self._max_confirmed_seq = 0
         self._next_check = 0.0
         self._next_log = 0.0
         self.bytes = 0
@@ -141,6 +151,7 @@ class ReceiptLedger:
         self.untracked = 0
         self.confirmed = 0
         self.republished = 0
+        self.held = 0
         self.unconfirmed = 0
         self.checks = 0
         self.commands = 0
@@ -163,7 +174,9 @@ class ReceiptLedger:
             if identity in self._entries:
                 continue  # a republish or a duplicate submit: keep its attempt count
             self._seq += 1
-            self._entries[identity] = _Entry(record, identity[0], identity[1], due, self._seq)
+            self._entries[identity] = _Entry(
+                record, identity[0], identity[1], due, self._seq, due - self.timeout_s
+            )
             heapq.heappush(self._heap, (due, self._seq, identity))
             self.bytes += record[2]
             self.tracked += 1
@@ -211,6 +224,9 @@ class ReceiptLedger:
                 break
             for entry, ok in zip(batch, arrived, strict=True):
                 if ok:
+                    self._max_confirmed_seq = max(self._max_confirmed_seq, entry.seq)
+            for entry, ok in zip(batch, arrived, strict=True):
+                if ok:
                     self._drop(entry)
                     self.confirmed += 1
                 elif entry.due > now:
@@ -218,6 +234,12 @@ class ReceiptLedger:
                     self._give_up(entry, "the receipt ledger is full")
                 elif entry.republished >= self.max_republish:
                     self._give_up(entry, f"not stored after {entry.republished} republishes")
+                elif (
+                    entry.seq > self._max_confirmed_seq
+                    and now - entry.since < self.timeout_s * _HOLD_FACTOR
+                ):
+                    self.held += 1  # behind, not lost (yet): look again later
+                    self._reschedule(entry, now + self.timeout_s)
                 else:
                     entry.republished += 1
                     self.republished += 1
@@ -303,6 +325,7 @@ class ReceiptLedger:
             "receipts_pending_bytes": self.bytes,
             "confirmed": self.confirmed,
             "republished": self.republished,
+            "receipts_held": self.held,
             "unconfirmed": self.unconfirmed,
             "untracked": self.untracked,
             "receipt_checks": self.checks,
