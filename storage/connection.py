@@ -14,24 +14,55 @@ here once and given to every client: the state connection, the broker
 (`worker.celery`), the client's publisher and its state reader. Options in
 the URL's query (`?ssl_cert_reqs=...`) are the operator's explicit choice
 and win, as redis-py and kombu both let them.
+
+Sentinel (`redis_sentinels`): the workers' state connection asks the
+sentinels for the service's primary and asks again after a failover (redis-py
+`Sentinel.master_for`), so a promotion costs retried tasks, not a restart.
+Set, it wins over `redis_url`, which is then only what NeMo Relay agents are
+given: their runtime takes one URL and cannot follow a failover.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import fakeredis
 import redis
+from redis.sentinel import Sentinel
 
 # One embedded server per process and one definition of the TLS options,
 # shared with the agent-side client (which cannot import this package).
 from adaptive_worker_client import broker as _client_broker
+from adaptive_worker_client.config import parse_sentinels
 from adaptive_worker_client.embedded import embedded_server
 
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-__all__ = ["broker_tls_options", "connect", "embedded_server", "is_tls_url", "redis_tls_options"]
+__all__ = [
+    "broker_tls_options",
+    "connect",
+    "connect_state",
+    "embedded_server",
+    "is_tls_url",
+    "redis_tls_options",
+    "relay_address_problem",
+    "sentinel_client",
+    "warn_relay_once",
+]
+
+log = logging.getLogger(__name__)
+
+# The workers' socket policy, for plain and Sentinel-managed connections alike.
+_WORKER_SOCKET: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 30,
+    "health_check_interval": 30,
+    "retry_on_timeout": True,
+}
+_warned: set[tuple[str | None, str]] = set()
 
 
 def is_tls_url(url: str | None) -> bool:
@@ -78,9 +109,91 @@ def connect(redis_url: str | None, settings: Settings | None = None) -> redis.Re
     return redis.Redis.from_url(
         redis_url,
         decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=30,
-        retry_on_timeout=True,
+        **_WORKER_SOCKET,
         **redis_tls_options(redis_url, settings),
     )
+
+
+def sentinel_client(settings: Settings) -> redis.Redis:
+    """The primary of `redis_sentinel_service`, found (and found again after a
+    failover) through the sentinels; password and TLS apply to both hops."""
+    assert settings.redis_sentinels is not None
+    auth = _client_broker.sentinel_connection_options(settings)
+    sentinel = Sentinel(
+        parse_sentinels(settings.redis_sentinels),
+        sentinel_kwargs={"socket_connect_timeout": 2, "socket_timeout": 2, **auth},
+        **auth,
+    )
+    return sentinel.master_for(
+        settings.redis_sentinel_service, decode_responses=True, **_WORKER_SOCKET
+    )
+
+
+def connect_state(settings: Settings) -> redis.Redis:
+    """The workers' state connection: Sentinel when configured, else `redis_url`."""
+    if settings.redis_sentinels is None:
+        return connect(settings.redis_url, settings)
+    warn_relay_once(settings)
+    return sentinel_client(settings)
+
+
+def warn_relay_once(settings: Settings) -> None:
+    """Log `relay_address_problem` once per process (and per configuration);
+    the worker's main process calls it at start, so its pool children,
+    forked afterwards, do not repeat it."""
+    if settings.redis_sentinels is None:
+        return
+    key = (settings.redis_url, settings.redis_sentinels)
+    if key in _warned:
+        return
+    _warned.add(key)
+    problem = relay_address_problem(settings)
+    if problem:
+        log.warning("%s", problem)
+
+
+def relay_address_problem(settings: Settings) -> str | None:
+    """Why NeMo Relay agents cannot follow this deployment's failovers, if so.
+
+    Their runtime takes one Redis URL (no Sentinel or cluster client). Given
+    no URL they cannot be pointed at the state at all; given the address of
+    a node Sentinel watches, they keep writing to it after a promotion (a
+    replica refuses writes; a returning old primary is made a replica) and
+    their runs are lost. Only a stable address in front of whichever node is
+    primary works: a Sentinel-aware proxy or a virtual IP.
+    """
+    if settings.redis_sentinels is None:
+        return None
+    if settings.redis_url is None:
+        return (
+            "Sentinel is configured but ADAPTIVE_REDIS_URL is not: NeMo Relay agents take one"
+            " Redis URL and cannot follow a failover; give them (and ADAPTIVE_REDIS_URL) the"
+            " primary behind a stable address (a Sentinel-aware proxy or a virtual IP)"
+        )
+    parts = urlsplit(settings.redis_url)
+    node = (parts.hostname, parts.port or 6379)
+    try:
+        watched = _watched_nodes(settings)
+    except redis.RedisError:
+        return None  # the sentinels are unreachable: the connection will say so
+    if node in watched:
+        return (
+            f"ADAPTIVE_REDIS_URL points at {node[0]}:{node[1]}, a node Sentinel may demote:"
+            " NeMo Relay agents given it lose their runs after a failover; give them the"
+            " primary behind a stable address (a Sentinel-aware proxy or a virtual IP)"
+        )
+    return None
+
+
+def _watched_nodes(settings: Settings) -> set[tuple[str | None, int]]:
+    """Addresses of the service's primary and replicas, as the sentinels see them."""
+    assert settings.redis_sentinels is not None
+    auth = _client_broker.sentinel_connection_options(settings)
+    sentinel = Sentinel(
+        parse_sentinels(settings.redis_sentinels),
+        sentinel_kwargs={"socket_connect_timeout": 2, "socket_timeout": 2, **auth},
+    )
+    service = settings.redis_sentinel_service
+    nodes = {tuple(sentinel.discover_master(service))}
+    nodes.update(tuple(replica) for replica in sentinel.discover_slaves(service))
+    return {(str(host), int(port)) for host, port in nodes}

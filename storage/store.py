@@ -8,6 +8,12 @@ offset in one Lua script that refuses if `learned` moved meanwhile: the
 offset is the fencing token, so two learners can race and exactly one wins,
 with nothing of the loser visible.
 
+Durability (`durability_replicas` N > 0): storing runs and a learn commit
+are followed by `WAIT N timeout` on the same connection (a pipeline: WAIT
+cannot run inside Lua), and `NotDurable` is raised when fewer replicas
+confirmed, so the caller does not acknowledge what a failover could still
+lose; both writes are idempotent, so the retry that follows is safe.
+
 This module knows Redis and formats, nothing about learning. It works the same
 on a real server and on fakeredis (the scripts run on both).
 """
@@ -93,6 +99,20 @@ class CommitResult:
 DEFAULT_DEAD_LETTER_CAP = 10_000
 
 
+class NotDurable(redis.RedisError):
+    """Fewer replicas than asked for confirmed a write within the timeout.
+
+    The write is on the primary and may still replicate; it is not
+    acknowledged, so the caller retries (idempotently) instead of acking.
+    """
+
+    def __init__(self, what: str, confirmed: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{what}: {confirmed} of {wanted} replica(s) confirmed within {timeout_ms} ms"
+        )
+        self.confirmed = confirmed
+
+
 @dataclass(frozen=True, slots=True)
 class StoreOutcome:
     """What `store_runs` did with one run."""
@@ -105,11 +125,19 @@ class Store:
     """All Redis access for one key prefix."""
 
     def __init__(
-        self, client: redis.Redis, prefix: str, *, dead_letter_cap: int = DEFAULT_DEAD_LETTER_CAP
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        dead_letter_cap: int = DEFAULT_DEAD_LETTER_CAP,
+        durability_replicas: int = 0,
+        durability_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.dead_letter_cap = dead_letter_cap
+        self.durability_replicas = durability_replicas
+        self.durability_timeout_ms = durability_timeout_ms
         self._dead_letters = client.register_script(_script("dead_letters.lua"))
         self._store_runs = client.register_script(_script("store_runs.lua"))
         self._read_batch = client.register_script(_script("read_batch.lua"))
@@ -149,7 +177,7 @@ class Store:
             args += [text, run.id]
         keys.append(self.keys.agents())
         args += [run.agent_id for run in runs]
-        replies = self._store_runs(keys=keys, args=args)
+        replies = self._durably("storing runs", self._store_runs, keys, args)
         return [
             StoreOutcome(reply == 1, reply if isinstance(reply, str) else None) for reply in replies
         ]
@@ -279,8 +307,26 @@ class Store:
             *learning_keys,
             *writes.values(),
         ]
-        version = int(self._commit(keys=keys, args=args))
+        version = int(self._durably("learn commit", self._commit, keys, args))
         return CommitResult(version >= 0, version)
+
+    def _durably(self, what: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run `script`, then (durability on) WAIT on the same connection.
+
+        One non-transactional pipeline holds both, so WAIT counts exactly the
+        replication offset the script's writes reached. A conflicting commit
+        wrote nothing of its own, but waiting for it costs one round trip.
+        """
+        wanted = self.durability_replicas
+        if wanted <= 0:
+            return script(keys=keys, args=args)
+        pipe = self.client.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", wanted, self.durability_timeout_ms)
+        reply, confirmed = pipe.execute()
+        if int(confirmed) < wanted:
+            raise NotDurable(what, int(confirmed), wanted, self.durability_timeout_ms)
+        return reply
 
     # ------------------------------------------------- retention and rebuild
     def trim(self, agent_id: str, count: int, *, now_s: float, tombstones: int) -> int:

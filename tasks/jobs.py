@@ -13,15 +13,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from adaptive_worker_client.broker import delay_seconds
-from storage.connection import connect
-from storage.store import Store
+from storage.connection import connect_state
+from storage.store import NotDurable, Store
 from tasks import learning, maintenance
 from worker.celery import (
     DISCOVER_TASK,
@@ -42,7 +41,9 @@ log = logging.getLogger(__name__)
 # data, which the functions below dead-letter instead of raising.
 # (Countdowns such as this one are whole seconds on RabbitMQ: `schedule_learn`.)
 LEASE_RECHECK_S = 0.5
-RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# NotDurable: stored on the primary but not yet on enough replicas, so the
+# ingest is not acked (the message comes again; storing is idempotent).
+RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, NotDurable)
 
 
 def task(name: str, shape: type[TaskArgs] = NoArgs, **options: Any) -> Callable[..., Any]:
@@ -72,12 +73,21 @@ def _store() -> Store:
     """One store per worker process (redis-py pools reconnect after fork), for
     the current settings: the command line may install others in-process."""
     settings = get_settings()
-    return _store_for(settings.redis_url, settings.key_prefix, settings.dead_letter_max_entries)
+    key = settings.model_dump_json()  # Settings is not hashable; its values are
+    store = _STORES.get(key)
+    if store is None:
+        # Sentinel (when configured) or the URL; WAIT after stores and commits.
+        store = _STORES[key] = Store(
+            connect_state(settings),
+            settings.key_prefix,
+            dead_letter_cap=settings.dead_letter_max_entries,
+            durability_replicas=settings.durability_replicas,
+            durability_timeout_ms=settings.durability_timeout_ms,
+        )
+    return store
 
 
-@cache
-def _store_for(redis_url: str | None, key_prefix: str, dead_letter_cap: int) -> Store:
-    return Store(connect(redis_url), key_prefix, dead_letter_cap=dead_letter_cap)
+_STORES: dict[str, Store] = {}
 
 
 def _config(settings: Settings) -> EngineConfig:

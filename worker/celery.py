@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 # Names, queues and the broker pieces the agent-side client shares: one
 # definition, in the client package. Re-exported here for old imports only;
@@ -39,6 +40,7 @@ from adaptive_worker_client.broker import (
     TASK_ROUTES,
     broker_scheme,
     common_conf,
+    sentinel_transport_options,
     task_queues,
 )
 from adaptive_worker_client.contract import (
@@ -105,6 +107,8 @@ def transport_options(settings: Settings, url: str | None = None) -> dict[str, A
             "socket_connect_timeout": settings.broker_connect_timeout_s,
             "socket_keepalive": True,
             "health_check_interval": 25,
+            # sentinel://: which service to ask the sentinels for, and their auth/TLS.
+            **(sentinel_transport_options(settings) if scheme == "sentinel" else {}),
         }
     if scheme in AMQP_SCHEMES:
         # Publisher confirms: a publish returns only once RabbitMQ has the
@@ -143,6 +147,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # idempotent; a short loop keeps the schedule responsive.
         beat_max_loop_interval=10,
     )
+    if broker_scheme(url) == "sentinel":
+        # kombu's Sentinel transport minus a worker crash on failover.
+        app.conf.broker_transport = "worker.kombu_sentinel:Transport"
     if broker_scheme(url) in AMQP_SCHEMES:
         # RabbitMQ dead-letters a message past its delivery limit into a
         # queue of its own; this step turns each into one of our dead letters.
@@ -195,6 +202,15 @@ configure(app, _module_settings())
 from worker.metrics import install  # noqa: E402 - needs the configured app
 
 install(app)
+
+
+@celeryd_after_setup.connect(weak=False)
+def _warn_relay_agents(**_: Any) -> None:
+    """Sentinel for us but no stable address for NeMo Relay agents: say so at start."""
+    from storage.connection import warn_relay_once
+
+    warn_relay_once(get_settings())
+
 
 # `celery -A worker flower`: a login required and loopback by default (worker/flower.py).
 from worker.flower import install as install_flower_defaults  # noqa: E402

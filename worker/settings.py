@@ -43,6 +43,34 @@ class Settings(BaseSettings):
         default=None,
         description="Celery broker. Unset: the Redis URL (or in-memory when Redis is embedded).",
     )
+    # ---- Redis Sentinel (storage/connection.py, adaptive_worker_client/broker.py)
+    redis_sentinels: str | None = Field(
+        default=None,
+        description=(
+            "Redis Sentinel addresses `host:port,host:port`: state (and a Redis broker) go to"
+            " the primary they name and follow a failover; set, it wins over the Redis URLs."
+        ),
+    )
+    redis_sentinel_service: str = Field(
+        default="mymaster", description="Sentinel: the monitored service (master) name."
+    )
+    redis_sentinel_password: str | None = Field(
+        default=None, description="Sentinel: password of the sentinels and of the primary."
+    )
+    redis_sentinel_tls: bool = Field(
+        default=False,
+        description="Sentinel: TLS to the sentinels and the primary (ADAPTIVE_TLS_* apply).",
+    )
+    durability_replicas: NonNegativeInt = Field(
+        default=0,
+        description=(
+            "After storing runs and after each learn commit, WAIT for this many replicas;"
+            " an ingest is acked only then, else retried (0: off)."
+        ),
+    )
+    durability_timeout_ms: PositiveInt = Field(
+        default=1000, description="Most milliseconds one WAIT for the replicas may take."
+    )
     key_prefix: str = Field(
         default="nemo_relay:",
         description="Prefix of every key, the runtime's and ours (`nemo_flow:` for the seed).",
@@ -297,6 +325,27 @@ class Settings(BaseSettings):
         _check_url_parses(value)
         return value
 
+    @field_validator("redis_sentinels", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str | None) -> str | None:
+        from adaptive_worker_client.config import parse_sentinels
+
+        if value is not None:
+            parse_sentinels(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("redis_sentinel_service")
+    @classmethod
+    def _service(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value.strip()):
+            raise ValueError("must be a service name without whitespace")
+        return value.strip()
+
     @field_validator("metrics_port", mode="before")
     @classmethod
     def _empty_port(cls, value: object) -> object:
@@ -327,13 +376,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         """True when no Redis is configured and the in-process fakeredis is used."""
-        return self.redis_url is None
+        return self.redis_url is None and self.redis_sentinels is None
 
     @property
     def effective_broker_url(self) -> str:
-        if self.broker_url:
-            return self.broker_url
-        return self.redis_url or "memory://"
+        # One rule for both ends (Sentinel wins over a Redis URL): the client's.
+        from adaptive_worker_client.config import effective_broker
+
+        return effective_broker(self)
 
 
 def _check_url_parses(url: str) -> None:

@@ -42,10 +42,13 @@ __all__ = [
     "publisher_app",
     "quorum_arguments",
     "redis_tls_options",
+    "sentinel_connection_options",
+    "sentinel_transport_options",
     "task_queues",
 ]
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "socket"})
+# `sentinel`: kombu's Redis transport that asks Redis Sentinel for the primary.
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "socket", "sentinel"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
 # Glob patterns, matched in order: the first match wins.
@@ -171,6 +174,29 @@ def redis_tls_options(url: str | None, settings: AgentSettings) -> dict[str, Any
     return options
 
 
+def sentinel_connection_options(settings: AgentSettings) -> dict[str, Any]:
+    """redis-py keyword arguments for connections to the sentinels and to the
+    primary they name: the password and, with `redis_sentinel_tls`, the same
+    verified TLS options as a `rediss://` URL (ssl=True switches TLS on)."""
+    options: dict[str, Any] = {}
+    if settings.redis_sentinel_password:
+        options["password"] = settings.redis_sentinel_password
+    if settings.redis_sentinel_tls:
+        options["ssl"] = True
+        options.update(redis_tls_options("rediss://", settings))
+    return options
+
+
+def sentinel_transport_options(settings: AgentSettings) -> dict[str, Any]:
+    """kombu transport options of a `sentinel://` broker: the service to ask
+    for, and how to talk to the sentinels themselves (kombu passes the URL's
+    password only to the primary)."""
+    return {
+        "master_name": settings.redis_sentinel_service,
+        "sentinel_kwargs": sentinel_connection_options(settings),
+    }
+
+
 def broker_tls_options(url: str, settings: AgentSettings) -> dict[str, Any] | None:
     """Celery's `broker_use_ssl` for a TLS broker URL, None for a plain one.
 
@@ -182,6 +208,9 @@ def broker_tls_options(url: str, settings: AgentSettings) -> dict[str, Any] | No
     """
     scheme = broker_scheme(url)
     ca_file = str(settings.tls_ca_file) if settings.tls_ca_file is not None else None
+    if scheme == "sentinel":
+        # The primary a sentinel names: TLS only when the operator said so.
+        scheme = "rediss" if settings.redis_sentinel_tls else ""
     if scheme == "rediss":
         if not settings.tls_verify:
             return {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_check_hostname": False}
@@ -246,6 +275,8 @@ def publisher_app(settings: AgentSettings) -> Celery:
             "socket_keepalive": True,
             "health_check_interval": 25,
         }
+        if scheme == "sentinel":
+            options.update(sentinel_transport_options(settings))
     elif scheme in AMQP_SCHEMES:
         # Publisher confirms: a publish returns only once RabbitMQ has the
         # message, so the client knows whether to spool it.

@@ -24,8 +24,11 @@ __all__ = [
     "ENV_PREFIX",
     "AgentSettings",
     "ClientSettings",
+    "effective_broker",
     "get_settings",
     "load_client_settings",
+    "parse_sentinels",
+    "sentinel_broker_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,10 @@ class AgentSettings(Protocol):
 
     redis_url: str | None
     broker_url: str | None
+    redis_sentinels: str | None
+    redis_sentinel_service: str
+    redis_sentinel_password: str | None
+    redis_sentinel_tls: bool
     key_prefix: str
     max_run_bytes: int
     max_json_depth: int
@@ -77,6 +84,60 @@ def _url(text: str) -> str | None:
     if scheme not in URL_SCHEMES:
         raise ValueError(f"unsupported URL scheme {scheme!r}")
     return text
+
+
+def parse_sentinels(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` as (host, port) pairs; ValueError names the bad entry."""
+    pairs: list[tuple[str, int]] = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {entry!r}")
+        pairs.append((host, int(port)))
+    if not pairs:
+        raise ValueError("expected host:port[,host:port...]")
+    return pairs
+
+
+def sentinel_broker_url(sentinels: str, password: str | None) -> str:
+    """kombu's Sentinel broker URL, `sentinel://h:p;sentinel://h:p` (the password
+    in each part: kombu takes the master's from the URL; the sentinels' own
+    goes in the transport options, see `broker.sentinel_transport_options`)."""
+    from urllib.parse import quote
+
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return ";".join(f"sentinel://{auth}{h}:{p}" for h, p in parse_sentinels(sentinels))
+
+
+def effective_broker(settings: AgentSettings) -> str:
+    """The broker both sides use: Sentinel, when configured, wins over a Redis URL.
+
+    A RabbitMQ `broker_url` stays: Sentinel only replaces Redis addresses.
+    """
+    url = settings.broker_url
+    scheme = url.split("://", 1)[0].lower() if url and "://" in url else ""
+    if settings.redis_sentinels and (not url or scheme in ("redis", "rediss", "unix")):
+        return sentinel_broker_url(settings.redis_sentinels, settings.redis_sentinel_password)
+    if url:
+        return url
+    return settings.redis_url or "memory://"
+
+
+def _sentinels(text: str) -> str | None:
+    if not text.strip():
+        return None
+    parse_sentinels(text)
+    return text.strip()
+
+
+def _name(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text.strip()):
+        raise ValueError("must be non-empty and contain no whitespace")
+    return text.strip()
 
 
 def _prefix(text: str) -> str:
@@ -139,6 +200,10 @@ class ClientSettings:
 
     redis_url: str | None = None
     broker_url: str | None = None
+    redis_sentinels: str | None = None
+    redis_sentinel_service: str = "mymaster"
+    redis_sentinel_password: str | None = None
+    redis_sentinel_tls: bool = False
     key_prefix: str = "nemo_relay:"
     max_run_bytes: int = 8 * 1024 * 1024
     max_json_depth: int = 128
@@ -168,19 +233,21 @@ class ClientSettings:
     @property
     def embedded(self) -> bool:
         """True when no Redis is configured (the workers' in-process default)."""
-        return self.redis_url is None
+        return self.redis_url is None and self.redis_sentinels is None
 
     @property
     def effective_broker_url(self) -> str:
-        """The broker: `broker_url`, else the Redis URL, else in-memory (as the server)."""
-        if self.broker_url:
-            return self.broker_url
-        return self.redis_url or "memory://"
+        """The broker: Sentinel, else `broker_url`, else the Redis URL, else in-memory."""
+        return effective_broker(self)
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _url,
     "broker_url": _url,
+    "redis_sentinels": _sentinels,
+    "redis_sentinel_service": _name,
+    "redis_sentinel_password": lambda text: text or None,
+    "redis_sentinel_tls": _bool,
     "key_prefix": _prefix,
     "max_run_bytes": _POS_INT,
     "max_json_depth": _number(int, 8, 256),
@@ -249,7 +316,8 @@ def load_client_settings(
             values[f.name] = _PARSERS[f.name](raw)
         except Exception as exc:
             # URLs may hold a password: their reason never quotes the value.
-            reason = type(exc).__name__ if f.name.endswith("_url") else str(exc)
+            secret = f.name.endswith(("_url", "_password"))
+            reason = type(exc).__name__ if secret else str(exc)
             log.warning("ignoring %s (%s); using the default", name, reason)
     return ClientSettings(**values)
 
