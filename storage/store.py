@@ -432,11 +432,6 @@ class Store:
     def incr_counter(self, name: str, amount: int = 1) -> None:
         self.client.hincrby(self.keys.counters(), name, amount)
 
-    def dead_letter_at(self, index: int) -> str | None:
-        """The entry at list position `index` (negative counts from the end), or None."""
-        entry: str | None = self.client.lindex(self.keys.dead_letters(), index)
-        return entry
-
     def dead_letters_raw(self, start: int = 0, count: int = -1) -> list[bytes]:
         """Entries as stored, undecoded: one entry that is not UTF-8 must not make
         the whole list unreadable (the client decodes every other reply)."""

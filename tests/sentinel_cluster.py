@@ -119,16 +119,6 @@ class SentinelCluster:
         proc.wait(10)
         self.primary.proc = None
 
-    def wait_promoted(self, old: tuple[str, int], timeout_s: float = 30.0) -> tuple[str, int]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with suppress(redis.RedisError):
-                now = self.master_address()
-                if now != old:
-                    return now
-            time.sleep(0.1)
-        pytest.fail(f"no promotion within {timeout_s} s")
-
     def stop(self) -> None:
         for proc in self.sentinel_procs:
             proc.terminate()

@@ -147,7 +147,6 @@ class ReceiptLedger:
         self._next_log = 0.0
         self.bytes = 0
         # counters
-        self.tracked = 0
         self.untracked = 0
         self.confirmed = 0
         self.republished = 0
@@ -179,7 +178,6 @@ class ReceiptLedger:
             )
             heapq.heappush(self._heap, (due, self._seq, identity))
             self.bytes += record[2]
-            self.tracked += 1
 
     def wake_at(self) -> float | None:
         """Clock time of the next check, or None if nothing is tracked."""
