@@ -31,7 +31,6 @@ from worker.celery import (
     RETENTION_TASK,
     app,
 )
-from worker.engine.fold import EngineConfig
 from worker.guard import NoArgs, TaskArgs, declare
 from worker.settings import Settings, get_settings
 
@@ -88,10 +87,6 @@ def _store() -> Store:
 
 
 _STORES: dict[str, Store] = {}
-
-
-def _config(settings: Settings) -> EngineConfig:
-    return EngineConfig(observation_window=settings.observation_window)
 
 
 def schedule_learn(
@@ -175,7 +170,7 @@ def learn_agent(agent_id: str) -> dict[str, int]:
                 store,
                 agent_id,
                 max_runs=settings.learn_batch_size,
-                config=_config(settings),
+                config=learning.engine_config(settings),
                 deadline=deadline,
             )
             totals["learned"] += summary.learned
@@ -223,7 +218,7 @@ def rebuild_agent(agent_id: str) -> dict[str, int]:
     settings = get_settings()
     store = _store()
     result = maintenance.rebuild(
-        store, agent_id, config=_config(settings), chunk=settings.learn_batch_size
+        store, agent_id, config=learning.engine_config(settings), chunk=settings.learn_batch_size
     )
     schedule_learn(store, [agent_id], settings)  # runs that arrived meanwhile
     return {"runs": result.runs, "version": result.version}

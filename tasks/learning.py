@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -27,7 +28,15 @@ from storage.timestamps import format_ns
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
 from worker.engine.records import Call, Run
 
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
 log = logging.getLogger(__name__)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's knobs from the settings (the workers', the CLI's and checks' alike)."""
+    return EngineConfig(observation_window=settings.observation_window)
 
 
 # ---------------------------------------------------------------- dead letters

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from storage.store import Cursor, Store
-from tasks.learning import state_writes
+from tasks.learning import engine_config, state_writes
 from tasks.maintenance import RebuildResult, owned_learning_keys, rebuild, refold
 from worker.engine.fold import EngineConfig, without_volatile
 
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     store = Store(connect(settings.redis_url), settings.key_prefix)
-    config = EngineConfig(observation_window=settings.observation_window)
+    config = engine_config(settings)
     found = False
     for agent in args.agents or store.agent_ids():
         if args.recover:

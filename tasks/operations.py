@@ -21,9 +21,15 @@ from typing import Any
 from storage.errors import InvalidRecord
 from storage.store import Store
 from storage.strictjson import check_depth, check_text, check_value
-from tasks.learning import IngestResult, catch_up, dead_letter, ingest, validate_payload
+from tasks.learning import (
+    IngestResult,
+    catch_up,
+    dead_letter,
+    engine_config,
+    ingest,
+    validate_payload,
+)
 from tasks.maintenance import rebuild
-from worker.engine.fold import EngineConfig
 from worker.settings import Settings
 
 __all__ = [
@@ -32,7 +38,6 @@ __all__ = [
     "RebuildReport",
     "Record",
     "ReplayReport",
-    "engine_config",
     "ingest_payloads",
     "json_text",
     "learn_agents",
@@ -46,11 +51,6 @@ __all__ = [
 
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's knobs from the settings (the workers' own configuration)."""
-    return EngineConfig(observation_window=settings.observation_window)
 
 
 def json_text(data: Any, indent: int | None = 2) -> str:
