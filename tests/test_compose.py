@@ -32,9 +32,18 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVICES = {"redis", "worker", "beat", "flower"}
+# Started only with `--profile observability` (tests/test_prometheus.py checks them further).
+OBSERVABILITY = {"prometheus", "grafana"}
 APP_SERVICES = ("worker", "beat", "flower")
 # Variables of compose itself (interpolation), not of the application.
-COMPOSE_ONLY = {"FLOWER_BASIC_AUTH", "FLOWER_BIND", "FLOWER_PORT", "REDIS_MAXMEMORY"}
+COMPOSE_ONLY = {
+    "FLOWER_BASIC_AUTH",
+    "FLOWER_BIND",
+    "FLOWER_PORT",
+    "REDIS_MAXMEMORY",
+    "GRAFANA_BIND",
+    "GRAFANA_PORT",
+}
 
 
 def compose_text() -> str:
@@ -131,7 +140,9 @@ def test_dockerfile_and_ignore_file() -> None:
 def test_yaml_structure() -> None:
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | OBSERVABILITY
+    for name in OBSERVABILITY:
+        assert services[name]["profiles"] == ["observability"], name
     assert "redis-data" in doc["volumes"]
     assert services["redis"]["healthcheck"]["test"][-1].startswith("redis-cli ping")
     for name in APP_SERVICES:
@@ -152,7 +163,10 @@ def test_redis_is_pinned_and_not_published_on_the_host() -> None:
     # this Redis has no password.
     assert "ports" not in services["redis"]
     published = [p for service in services.values() for p in service.get("ports", [])]
-    assert published == ["${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555"]
+    assert published == [
+        "${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555",
+        "${GRAFANA_BIND:-127.0.0.1}:${GRAFANA_PORT:-3000}:3000",  # a read-only view
+    ]
 
 
 def test_the_beat_schedule_survives_a_recreate() -> None:

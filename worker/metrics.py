@@ -17,6 +17,15 @@ stored but not yet folded into the learned state.
 A scrape never fails because Redis is down: it answers `adaptive_up 0` (and
 counts `adaptive_scrape_errors_total`), so an alert can tell "Redis is
 unreachable" from "the endpoint is gone".
+
+Per-agent insight gauges (`adaptive_agent_*`: root LLM latency and output
+tokens, plan groups, stable prefix blocks per learning key) show what
+learning buys, as `adaptive-worker report` does for one agent. Their series
+count grows with agents and learning keys, so both are capped
+(ADAPTIVE_METRICS_MAX_AGENTS, ADAPTIVE_METRICS_MAX_LEARNING_KEYS) and what
+the caps leave out is counted instead of silently missing. Reading learned
+state costs more than reading cursors, so that part is cached for
+AGENT_INSIGHT_TTL_S: a scrape every second reads it at most every few.
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import redis
@@ -48,6 +57,9 @@ from redis.retry import Retry
 from storage.connection import connect, redis_tls_options
 from storage.store import Store
 from worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from tasks.insight import Headline
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +106,14 @@ _FIELD = re.compile(r"[a-z_][a-z0-9_]*")
 SCRAPE_CONNECT_TIMEOUT_S = 2.0
 SCRAPE_SOCKET_TIMEOUT_S = 3.0
 
+# Defaults of the caps, from the settings (one source of truth).
+DEFAULT_MAX_AGENTS: int = Settings.model_fields["metrics_max_agents"].default
+DEFAULT_MAX_LEARNING_KEYS: int = Settings.model_fields["metrics_max_learning_keys"].default
+# How long the per-agent insight read is reused. Learned state changes once
+# per learn commit, and a few seconds' staleness is invisible on a dashboard,
+# while re-reading tries and stability for 50 agents at each 1 s scrape is not.
+AGENT_INSIGHT_TTL_S = 5.0
+
 
 def snapshot(store: Store) -> dict[str, Any]:
     """The scraped numbers as a plain, JSON-serialisable dict (for `adaptive-worker stats`).
@@ -126,18 +146,106 @@ def snapshot(store: Store) -> dict[str, Any]:
     }
 
 
+def select_agents(runs_stored: Mapping[str, int], cap: int) -> tuple[list[str], int]:
+    """The agents given per-agent insight gauges, and how many the cap leaves out.
+
+    Rule: the most runs stored (index length + retention-trimmed, i.e. every
+    run ever indexed) first, ties broken by agent id. It is deterministic, so
+    the exported set does not flap between scrapes, and it needs nothing
+    beyond the cursors every scrape reads anyway. Busy agents are the ones
+    whose learned numbers mean the most.
+    """
+    ranked = sorted(runs_stored, key=lambda agent: (-runs_stored[agent], agent))
+    chosen = ranked[: max(0, cap)]
+    return chosen, len(ranked) - len(chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInsight:
+    """The per-agent part of one scrape: the chosen agents' headlines and
+    learning-key counts (their sets' sizes), and how many agents were left out."""
+
+    headlines: dict[str, Headline]
+    learning_keys: dict[str, int]
+    omitted_agents: int
+
+
+def read_headlines(
+    store: Store, agents: Sequence[str], max_learning_keys: int
+) -> tuple[dict[str, Headline], dict[str, int]]:
+    """Headlines of `agents` (at most `max_learning_keys` learning keys each,
+    the first in sorted order) and the number of learning keys in its set.
+
+    Batched: tasks.insight.headlines reads all agents in two pipelined round
+    trips, and one more counts the sets (SCARD), so the cost grows with the
+    caps, never with the number of learning keys an agent has. One corrupt
+    value must not hide every other agent's gauges: when the batch fails on
+    data, each agent is read alone and the failing ones are logged and left
+    out. A Redis error propagates (retrying agent by agent would only repeat
+    the timeout once per agent).
+    """
+    if not agents:
+        return {}, {}
+    # Imported when first needed: the engine code stays out of processes that never serve.
+    from tasks.insight import headlines
+
+    # The set also names the seed profile (the plain agent id), which is not a
+    # learning key: counted out, as tasks.insight leaves it out.
+    pipe = store.client.pipeline(transaction=False)
+    for agent in agents:
+        pipe.scard(store.keys.learning_key_set(agent))
+        pipe.sismember(store.keys.learning_key_set(agent), agent)
+    replies = pipe.execute()
+    counts = {
+        agent: int(replies[2 * i]) - int(bool(replies[2 * i + 1])) for i, agent in enumerate(agents)
+    }
+    try:
+        found = dict(headlines(store, list(agents), max_learning_keys=max_learning_keys))
+    except redis.RedisError:
+        raise
+    except Exception as exc:
+        log.warning("metrics: batch headline read failed (%s); reading agents one by one", exc)
+        found = {}
+        for agent in agents:
+            try:
+                found.update(headlines(store, [agent], max_learning_keys=max_learning_keys))
+            except redis.RedisError:
+                raise
+            except Exception as exc:
+                log.warning("metrics: no insight gauges for agent %r: %s", agent, exc)
+    return found, counts
+
+
 class AdaptiveCollector(Collector):
     """A prometheus_client collector that reads the Store on every scrape."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_agents: int = DEFAULT_MAX_AGENTS,
+        max_learning_keys: int = DEFAULT_MAX_LEARNING_KEYS,
+        insight_ttl_s: float = AGENT_INSIGHT_TTL_S,
+    ) -> None:
         self.store = store
+        self.max_agents = max_agents
+        self.max_learning_keys = max_learning_keys
+        self.insight_ttl_s = insight_ttl_s
         self._lock = threading.Lock()
         self._errors = 0
+        self._insight_errors = 0
         self._was_up = True
+        # (monotonic time read, agents read, their headlines, their learning-key counts)
+        self._cached: tuple[float, tuple[str, ...], dict[str, Headline], dict[str, int]] | None = (
+            None
+        )
 
     def describe(self) -> Iterable[Metric]:
         # Names only, so registering checks duplicates without touching Redis.
-        return list(self._families(None, 0.0, 0, describe=True))
+        return [
+            *self._families(None, 0.0, 0, describe=True),
+            *self._agent_families(None, 0, describe=True),
+        ]
 
     def collect(self) -> Iterable[Metric]:
         started = time.perf_counter()
@@ -159,9 +267,122 @@ class AdaptiveCollector(Collector):
                 if not self._was_up:
                     log.warning("metrics scrape reads Redis again")
                 self._was_up = True
+        insight: AgentInsight | None = None
+        if snap is not None:
+            try:
+                insight = self._agent_insight(snap)
+            except Exception as exc:
+                # The global numbers above are still right: export them, and
+                # count the failure so a dashboard can show missing gauges.
+                with self._lock:
+                    self._insight_errors += 1
+                log.warning("metrics: per-agent insight gauges not read: %s", exc)
         with self._lock:
-            errors = self._errors
-        return list(self._families(snap, time.perf_counter() - started, errors))
+            errors, insight_errors = self._errors, self._insight_errors
+        return [
+            *self._families(snap, time.perf_counter() - started, errors),
+            *(() if snap is None else self._agent_families(insight, insight_errors)),
+        ]
+
+    def _agent_insight(self, snap: dict[str, Any]) -> AgentInsight:
+        """Headlines of the agents the cap selects, reused for `insight_ttl_s`."""
+        runs_stored = {
+            agent: numbers["index_length"] + numbers["base"]
+            for agent, numbers in snap["agents"].items()
+        }
+        chosen, omitted = select_agents(runs_stored, self.max_agents)
+        wanted = tuple(chosen)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cached
+        if cached is not None and cached[1] == wanted and now - cached[0] < self.insight_ttl_s:
+            found, counts = cached[2], cached[3]
+        else:
+            found, counts = read_headlines(self.store, chosen, self.max_learning_keys)
+            with self._lock:
+                self._cached = (now, wanted, found, counts)
+        return AgentInsight(
+            {a: found[a] for a in chosen if a in found},
+            {a: counts.get(a, 0) for a in chosen if a in found},
+            omitted,
+        )
+
+    def _agent_families(
+        self, insight: AgentInsight | None, insight_errors: int, *, describe: bool = False
+    ) -> Iterator[Metric]:
+        """The per-agent insight gauges; with `describe`, names only."""
+        latency = GaugeMetricFamily(
+            "adaptive_agent_llm_latency_seconds",
+            "Duration of the agent's LLM calls (trie root: all of them), measured on its"
+            " newest retained runs.",
+            labels=["agent_id", "quantile"],
+        )
+        tokens = GaugeMetricFamily(
+            "adaptive_agent_output_tokens",
+            "Output tokens per LLM call at the trie root, the learned t-digest's quantile.",
+            labels=["agent_id", "quantile"],
+        )
+        calls = GaugeMetricFamily(
+            "adaptive_agent_llm_calls_learned",
+            "LLM calls learned at the trie root (the samples behind its predictions).",
+            labels=["agent_id"],
+        )
+        groups = GaugeMetricFamily(
+            "adaptive_agent_plan_groups",
+            "Parallel groups in the agent's learned execution plan.",
+            labels=["agent_id"],
+        )
+        prefix = GaugeMetricFamily(
+            "adaptive_agent_stable_prefix_blocks",
+            "Stable prompt prefix (blocks prompt caching can reuse) per learning key.",
+            labels=["agent_id", "learning_key"],
+        )
+        keys = GaugeMetricFamily(
+            "adaptive_agent_learning_keys",
+            "Learning keys in the agent's set, exported or not (0: only the seed profile,"
+            " exported under the agent id).",
+            labels=["agent_id"],
+        )
+        omitted_agents = GaugeMetricFamily(
+            "adaptive_metrics_agents_omitted",
+            "Agents left without adaptive_agent_* gauges by ADAPTIVE_METRICS_MAX_AGENTS.",
+        )
+        omitted_keys = GaugeMetricFamily(
+            "adaptive_metrics_learning_keys_omitted",
+            "Learning keys of exported agents left out by ADAPTIVE_METRICS_MAX_LEARNING_KEYS.",
+        )
+        errors = CounterMetricFamily(
+            "adaptive_agent_insight_errors",
+            "Scrapes whose per-agent insight gauges could not be read (since process start).",
+        )
+        if not describe:
+            errors.add_metric([], insight_errors)
+        if insight is not None:
+            left_out = 0
+            for agent, head in insight.headlines.items():
+                for quantile, seconds in (
+                    ("0.5", head.root_llm_latency_p50_s),
+                    ("0.9", head.root_llm_latency_p90_s),
+                ):
+                    if seconds is not None:
+                        latency.add_metric([agent, quantile], seconds)
+                if head.root_output_tokens_p50 is not None:
+                    tokens.add_metric([agent, "0.5"], head.root_output_tokens_p50)
+                if head.root_requests is not None:
+                    calls.add_metric([agent], head.root_requests)
+                if head.plan_groups is not None:
+                    groups.add_metric([agent], head.plan_groups)
+                for key in sorted(head.stable_prefix_blocks)[: self.max_learning_keys]:
+                    prefix.add_metric([agent, key], head.stable_prefix_blocks[key])
+                in_set = insight.learning_keys[agent]
+                keys.add_metric([agent], in_set)
+                left_out += max(0, in_set - self.max_learning_keys)
+            omitted_agents.add_metric([], insight.omitted_agents)
+            omitted_keys.add_metric([], left_out)
+        yield from (latency, tokens, calls, groups, prefix, keys)
+        if describe or insight is not None:
+            yield from (omitted_agents, omitted_keys)
+        yield errors
 
     def _families(
         self, snap: dict[str, Any] | None, duration: float, errors: int, *, describe: bool = False
@@ -248,11 +469,19 @@ def metrics_store(settings: Settings) -> Store:
     return Store(client, settings.key_prefix)
 
 
-def build_registry(store: Store, *, process_metrics: bool = True) -> CollectorRegistry:
+def build_registry(
+    store: Store,
+    *,
+    process_metrics: bool = True,
+    max_agents: int = DEFAULT_MAX_AGENTS,
+    max_learning_keys: int = DEFAULT_MAX_LEARNING_KEYS,
+) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one), so tests and
     several stores in one process never clash over metric names."""
     registry = CollectorRegistry()
-    registry.register(AdaptiveCollector(store))
+    registry.register(
+        AdaptiveCollector(store, max_agents=max_agents, max_learning_keys=max_learning_keys)
+    )
     if process_metrics:
         # The serving process's CPU, memory and fds: cheap, and they tell a
         # stuck or leaking worker main process apart from a slow Redis.
@@ -288,7 +517,11 @@ def start_metrics_server(settings: Settings, store: Store | None = None) -> Metr
     if not settings.metrics_port:
         log.info("metrics endpoint disabled (ADAPTIVE_METRICS_PORT is 0 or empty)")
         return None
-    registry = build_registry(store or metrics_store(settings))
+    registry = build_registry(
+        store or metrics_store(settings),
+        max_agents=settings.metrics_max_agents,
+        max_learning_keys=settings.metrics_max_learning_keys,
+    )
     server, thread = start_http_server(
         settings.metrics_port, addr=settings.metrics_bind, registry=registry
     )

@@ -192,6 +192,20 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="Workers: address the metrics endpoint listens on (0.0.0.0 in a container).",
     )
+    metrics_max_agents: NonNegativeInt = Field(
+        default=50,
+        description=(
+            "Workers: agents given per-agent insight gauges (adaptive_agent_*), the most runs"
+            " stored first (ties: agent id); the rest are counted, not exported. 0: none."
+        ),
+    )
+    metrics_max_learning_keys: NonNegativeInt = Field(
+        default=20,
+        description=(
+            "Workers: learning keys per exported agent in adaptive_agent_stable_prefix_blocks"
+            " (the first in sorted order); the rest are counted, not exported."
+        ),
+    )
 
     # ---- security (storage/connection.py, worker/celery.py, worker/flower.py)
     tls_verify: bool = Field(

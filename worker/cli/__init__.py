@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import typer
 
-from worker.cli import dead_letters, maintenance, records, run, state
+from worker.cli import dead_letters, maintenance, records, report, run, state
 from worker.cli.options import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, rich_markup_mode=None)
@@ -37,6 +37,7 @@ run.register(app)
 records.register(app)
 state.register(app)
 maintenance.register(app)
+report.register(app)
 app.add_typer(dead_letters.app, name="dead-letters")
 
 
