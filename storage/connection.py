@@ -15,9 +15,11 @@ here once and given to every client: the state connection, the broker
 the URL's query (`?ssl_cert_reqs=...`) are the operator's explicit choice
 and win, as redis-py and kombu both let them.
 
-Sentinel (`redis_sentinels`): the workers' state connection asks the
-sentinels for the service's primary and asks again after a failover (redis-py
-`Sentinel.master_for`), so a promotion costs retried tasks, not a restart.
+Sentinel (`redis_sentinels`): the workers' state connection (and every
+other reader of the state: the CLI, the metrics scrape, `tasks.mixed`) asks
+the sentinels for the service's primary and asks again after a failover
+(redis-py `Sentinel.master_for`), so a promotion costs retried tasks, not a
+restart.
 Set, it wins over `redis_url`, which is then only what NeMo Relay agents are
 given: their runtime takes one URL and cannot follow a failover.
 """
@@ -25,6 +27,7 @@ given: their runtime takes one URL and cannot follow a failover.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -114,19 +117,24 @@ def connect(redis_url: str | None, settings: Settings | None = None) -> redis.Re
     )
 
 
-def sentinel_client(settings: Settings) -> redis.Redis:
+def sentinel_client(settings: Settings, socket: Mapping[str, Any] | None = None) -> redis.Redis:
     """The primary of `redis_sentinel_service`, found (and found again after a
-    failover) through the sentinels; password and TLS apply to both hops."""
+    failover) through the sentinels; password and TLS apply to both hops.
+
+    `socket`: the primary's connection options instead of the workers'
+    (the metrics scrape has short timeouts of its own); a sentinel hop then
+    waits at most that connect timeout too.
+    """
     assert settings.redis_sentinels is not None
     auth = _client_broker.sentinel_connection_options(settings)
+    options = dict(_WORKER_SOCKET if socket is None else socket)
+    hop = min(2.0, float(options.get("socket_connect_timeout") or 2.0))
     sentinel = Sentinel(
         parse_sentinels(settings.redis_sentinels),
-        sentinel_kwargs={"socket_connect_timeout": 2, "socket_timeout": 2, **auth},
+        sentinel_kwargs={"socket_connect_timeout": hop, "socket_timeout": hop, **auth},
         **auth,
     )
-    return sentinel.master_for(
-        settings.redis_sentinel_service, decode_responses=True, **_WORKER_SOCKET
-    )
+    return sentinel.master_for(settings.redis_sentinel_service, decode_responses=True, **options)
 
 
 def connect_state(settings: Settings) -> redis.Redis:

@@ -181,7 +181,7 @@ def check_and_recover(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: one JSON line per agent; exit 1 if foreign writes were found."""
-    from storage.connection import connect
+    from storage.connection import connect_state
     from worker.settings import get_settings
 
     parser = argparse.ArgumentParser(
@@ -193,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recover", action="store_true", help="rebuild agents found mixed")
     args = parser.parse_args(argv)
     settings = get_settings()
-    store = Store(connect(settings.redis_url), settings.key_prefix)
+    # The workers' state connection: with Sentinel, the current primary.
+    store = Store(connect_state(settings), settings.key_prefix)
     config = engine_config(settings)
     found = False
     for agent in args.agents or store.agent_ids():

@@ -54,7 +54,7 @@ from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from storage.connection import connect, redis_tls_options
+from storage.connection import connect, redis_tls_options, sentinel_client
 from storage.store import Store
 from worker.settings import Settings, get_settings
 
@@ -455,6 +455,14 @@ class AdaptiveCollector(Collector):
 
 def metrics_store(settings: Settings) -> Store:
     """A Store for scraping, with short timeouts of its own (see SCRAPE_*_TIMEOUT_S)."""
+    if settings.redis_sentinels is not None:
+        # The current primary, asked of the sentinels again after a failover.
+        socket = {
+            "socket_connect_timeout": SCRAPE_CONNECT_TIMEOUT_S,
+            "socket_timeout": SCRAPE_SOCKET_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 1),
+        }
+        return Store(sentinel_client(settings, socket), settings.key_prefix)
     if settings.redis_url is None:
         # Embedded: the process's fakeredis, the same data the worker sees.
         return Store(connect(None), settings.key_prefix)

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from adaptive_worker_client import config, hooks
-from adaptive_worker_client.broker import redis_tls_options
+from adaptive_worker_client.broker import redis_tls_options, sentinel_connection_options
 from adaptive_worker_client.contract import runtime_key
 from adaptive_worker_client.errors import InvalidRecord, StateUnavailable
 from adaptive_worker_client.hints import agent_hints
@@ -83,21 +83,59 @@ def state_client(settings: AgentSettings) -> redis.Redis:
     that long on each read. Here a read costs at most two short timeouts: the
     one immediate retry only covers a pooled connection the server dropped
     while idle.
+
+    With `redis_sentinels` set it is the primary the sentinels name, asked
+    again on every new connection (redis-py `Sentinel.master_for`), as the
+    workers' state connection is: after a failover the agent reads (and the
+    receipts check) the promoted node, not the dead one nor the demoted one
+    `redis_url` may still name. Each sentinel hop has the same short
+    timeouts.
     """
+    timeout = settings.client_state_timeout_s
+    agent_socket: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_timeout": False,
+    }
+    if settings.redis_sentinels is not None:
+        return sentinel_state_client(settings, agent_socket)
     if settings.redis_url is None:
         from adaptive_worker_client.embedded import embedded_client
 
         return embedded_client()  # type: ignore[no-any-return]  # the workers' fakeredis
-    timeout = settings.client_state_timeout_s
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_timeout=False,
+        **agent_socket,
         **redis_tls_options(settings.redis_url, settings),  # rediss://: verified
     )
+
+
+def sentinel_state_client(settings: AgentSettings, socket: dict[str, Any]) -> redis.Redis:
+    """The service's primary through the sentinels, with `socket` options on
+    the primary's connections and the same timeouts on the sentinel hops.
+
+    Password and TLS apply to both hops (`sentinel_connection_options`).
+    redis.sentinel is imported here: only a Sentinel deployment pays for it.
+    """
+    from redis.sentinel import Sentinel
+
+    assert settings.redis_sentinels is not None
+    auth = sentinel_connection_options(settings)
+    hop = {
+        "socket_connect_timeout": socket.get("socket_connect_timeout"),
+        "socket_timeout": socket.get("socket_timeout"),
+    }
+    sentinel = Sentinel(
+        config.parse_sentinels(settings.redis_sentinels),
+        sentinel_kwargs={**hop, **auth},
+        **auth,
+    )
+    client: redis.Redis = sentinel.master_for(
+        settings.redis_sentinel_service, decode_responses=True, **socket
+    )
+    return client
 
 
 class StateReader:
@@ -125,7 +163,8 @@ class StateReader:
     Returned models are shared by every caller until the next read: treat
     them as read-only. `redis_client` lets a process share a client it
     already has (one that decodes responses); by default one is made on
-    first use from `settings.redis_url` (see `state_client`).
+    first use from `settings.redis_url`, or through `settings.redis_sentinels`
+    when set (see `state_client`).
     """
 
     def __init__(

@@ -72,10 +72,14 @@ def receipts_enabled(settings: AgentSettings) -> bool:
     """Receipts need the state Redis; `auto` turns them on for Redis brokers only.
 
     On RabbitMQ with publisher confirms the broker itself does not lose an
-    acknowledged message, so the check is optional there (`on`).
+    acknowledged message, so the check is optional there (`on`). With
+    Sentinel the state is the primary the sentinels name (no `redis_url`
+    needed; see `reader.state_client`): a failover is exactly when a
+    Sentinel broker loses the messages its old primary had not replicated,
+    and only the receipts notice and republish them.
     """
     mode = settings.client_receipts
-    if settings.redis_url is None or mode == "off":
+    if (settings.redis_url is None and settings.redis_sentinels is None) or mode == "off":
         return False
     return mode == "on" or broker_scheme(settings.effective_broker_url) in REDIS_SCHEMES
 

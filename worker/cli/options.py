@@ -34,7 +34,11 @@ R = TypeVar("R")
 
 RedisUrl = Annotated[
     str | None,
-    typer.Option("--redis-url", help="Redis URL (default: ADAPTIVE_REDIS_URL; unset: embedded)"),
+    typer.Option(
+        "--redis-url",
+        help="Redis URL (default: the primary ADAPTIVE_REDIS_SENTINELS name, else "
+        "ADAPTIVE_REDIS_URL; unset: embedded); given, it is used instead of the sentinels",
+    ),
 ]
 Prefix = Annotated[
     str | None, typer.Option("--prefix", help="key prefix (default: ADAPTIVE_KEY_PREFIX)")
@@ -109,9 +113,13 @@ def guard(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def overrides(redis_url: str | None, prefix: str | None) -> dict[str, Any]:
+    """Settings the options replace. `--redis-url` names one server: the
+    sentinels of the environment would otherwise win over it (they do over
+    ADAPTIVE_REDIS_URL), and a command line beats the environment."""
     given: dict[str, Any] = {}
     if redis_url is not None:
         given["redis_url"] = redis_url
+        given["redis_sentinels"] = None
     if prefix is not None:
         given["key_prefix"] = prefix
     return given
@@ -148,21 +156,38 @@ def masked(url: str | None) -> str:
         return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1**@", url)
 
 
+def state_location(settings: Settings) -> str:
+    """Where the state is read, for messages (no password): with Sentinel the
+    service and its sentinels, not `redis_url`, which is then only the
+    address NeMo Relay agents are given."""
+    if settings.redis_sentinels is not None:
+        return (
+            f"the primary of {settings.redis_sentinel_service!r}"
+            f" (sentinels {settings.redis_sentinels})"
+        )
+    return masked(settings.redis_url)
+
+
 def open_store(settings: Settings) -> Store:
-    """A store on the settings' Redis, checked to answer: one line and exit 3 if not."""
+    """A store on the settings' Redis, checked to answer: one line and exit 3 if not.
+
+    The workers' state connection (`connect_state`): with Sentinel, the
+    current primary, so after a failover a command reads the promoted node
+    instead of failing on the dead one (or reading the demoted one).
+    """
     import redis
 
-    from storage.connection import connect
+    from storage.connection import connect_state
     from storage.store import Store
 
     try:
-        client = connect(settings.redis_url)
+        client = connect_state(settings)
     except ValueError as exc:  # the URL itself: bad port, bad query option...
         raise fail(f"bad Redis URL {masked(settings.redis_url)}: {exc}", EXIT_BAD_INPUT) from None
     try:
         client.ping()
     except redis.RedisError as exc:
-        message = f"cannot reach Redis at {masked(settings.redis_url)}: {exc}"
+        message = f"cannot reach Redis at {state_location(settings)}: {exc}"
         raise fail(message, EXIT_UNAVAILABLE) from None
     return Store(client, settings.key_prefix)
 

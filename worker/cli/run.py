@@ -16,6 +16,7 @@ from worker.cli.options import (
     masked,
     open_store,
     settings_from,
+    state_location,
 )
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def _run_worker(settings: Settings, *, beat: bool, concurrency: int | None, logl
         argv += ["-B", "-s", str(_beat_schedule_file(settings))]
     err.print(
         f"adaptive-worker: Celery worker on {masked(settings.effective_broker_url)}, "
-        f"state in {masked(settings.redis_url)} under {settings.key_prefix!r}"
+        f"state in {state_location(settings)} under {settings.key_prefix!r}"
         f"{', with beat' if beat else ''}",
         highlight=False,
     )
