@@ -8,7 +8,12 @@ commit per `--learn-batch` runs), and INFO's own counters are read before
 and after. Server CPU (used_cpu_user + used_cpu_sys) is a timing and
 varies with the machine; it is reported beside the counts.
 
+With `--fast-path` the workers' ingest fast path is measured instead: the
+client groups each agent's runs in a message (as RunClient does), and each
+ingest learns its runs from memory (`learn_ingested`): no learn read-back.
+
 Usage: python -m bench.capacity [--runs 2000] [--agents 8] [--learn-batch 100]
+       [--client-batch 100] [--fast-path]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import redis
 
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tasks.learning import catch_up, ingest
+from tasks.learning import catch_up, ingest, learn_ingested
 from worker.engine.fold import EngineConfig
 
 
@@ -51,7 +56,9 @@ def _stats(client: redis.Redis) -> dict[str, float]:
     }
 
 
-def measure(runs: int, agents: int, learn_batch: int, client_batch: int = 100) -> dict[str, Any]:
+def measure(
+    runs: int, agents: int, learn_batch: int, client_batch: int = 100, fast_path: bool = False
+) -> dict[str, Any]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found")
@@ -75,18 +82,24 @@ def measure(runs: int, agents: int, learn_batch: int, client_batch: int = 100) -
                 for i in range(agents)
                 for r in synthetic_runs(runs // agents, agent_id=f"agent-{i}", seed=i)
             ]
-            # Interleave agents as a shared broker queue would.
             per = runs // agents
-            order = [payloads[a * per + k] for k in range(per) for a in range(agents)]
+            if fast_path:  # each message one agent's runs, as RunClient groups them
+                order = payloads[: per * agents]
+            else:  # interleave agents as a shared broker queue would
+                order = [payloads[a * per + k] for k in range(per) for a in range(agents)]
             config = EngineConfig()
             client.config_resetstat()
             before = _stats(client)
             for i in range(0, len(order), client_batch):
-                ingest(store, order[i : i + client_batch], 8 << 20)
+                result = ingest(store, order[i : i + client_batch], 8 << 20)
+                if fast_path:
+                    learn_ingested(store, result, config=config, max_runs=learn_batch)
             mid = _stats(client)
             for a in range(agents):
                 catch_up(store, f"agent-{a}", max_runs=learn_batch, config=config)
             after = _stats(client)
+            learned = store.counters().get("runs_learned", 0)
+            assert learned == len(order), f"learned {learned} of {len(order)}"
         finally:
             proc.terminate()
             proc.wait(10)
@@ -99,6 +112,8 @@ def measure(runs: int, agents: int, learn_batch: int, client_batch: int = 100) -
         "runs": n,
         "agents": agents,
         "learn_batch": learn_batch,
+        "client_batch": client_batch,
+        "fast_path": fast_path,
         "ingest": per_run(before, mid),
         "learn": per_run(mid, after),
         "total": per_run(before, after),
@@ -111,8 +126,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--learn-batch", type=int, default=100)
+    parser.add_argument("--client-batch", type=int, default=100)
+    parser.add_argument("--fast-path", action="store_true")
     args = parser.parse_args()
-    result = measure(args.runs, args.agents, args.learn_batch)
+    result = measure(args.runs, args.agents, args.learn_batch, args.client_batch, args.fast_path)
     print(json.dumps(result, indent=2))
     t = result["total"]
     print(

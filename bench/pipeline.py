@@ -9,14 +9,20 @@
 3. Submit-to-visible latency at half the saturation rate: one agent submits
    at a steady pace; a monitor polls the learned offset every 5 ms; a run is
    visible once the learned offset passes its index position.
+4. Worker CPU per learned run: user + system time of every process of the
+   worker (the consumer and its pool), read from /proc before it stops.
+Each is measured with ingest's fast path off (the learn task learns every
+run: the baseline) and on, in the same run, next to the engine alone
+folding 100 runs at a time (`bench.learn.engine_throughput`).
 The agent-side submit cost against a bare RPUSH is `python -m bench.submit`.
 
-Usage: python -m bench.pipeline [--runs N] [--redis-url URL]
+Usage: python -m bench.pipeline [--runs N] [--redis-url URL] [--modes off,on]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -27,6 +33,7 @@ from pathlib import Path
 import redis
 
 from adaptive_worker_client import RunClient
+from bench.learn import engine_throughput
 from bench.workload import synthetic_runs
 from storage.store import Store
 from tests.pipeline import caught_up, celery_workers, wait_until, worker_env
@@ -39,8 +46,25 @@ def _client(url: str, prefix: str, spool: Path) -> RunClient:
     )
 
 
-def saturation(url: str, n: int, processes: int, tmp: Path) -> tuple[float, float]:
-    """(learned runs/s, Redis input bytes per learned run)."""
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def saturation(url: str, n: int, processes: int, tmp: Path, fast_path: bool) -> dict[str, float]:
+    """Learned runs/s, Redis input bytes and worker CPU seconds per learned run."""
     prefix = f"bench-pipe:{uuid.uuid4().hex[:8]}:"
     client_redis = redis.Redis.from_url(url, decode_responses=True)
     store = Store(client_redis, prefix)
@@ -49,10 +73,12 @@ def saturation(url: str, n: int, processes: int, tmp: Path) -> tuple[float, floa
     for i, agent in enumerate(agents):
         runs += list(synthetic_runs(n // 4, agent_id=agent, seed=100 + i))
     expected = {a: n // 4 for a in agents}
+    env = worker_env(prefix, url, ingest_fast_path=fast_path)
     try:
-        with celery_workers(worker_env(prefix, url), tmp) as workers:
-            workers.start(f"sat{processes}", concurrency=processes)
-            client = _client(url, prefix, tmp / f"spool{processes}")
+        with celery_workers(env, tmp) as workers:
+            worker = workers.start(f"sat{processes}{fast_path}", concurrency=processes)
+            client = _client(url, prefix, tmp / f"spool{processes}{fast_path}")
+            cpu_before = _tree_cpu_s(worker.proc.pid)
             before = int(client_redis.info("stats")["total_net_input_bytes"])
             start = time.perf_counter()
             client.submit_runs(runs)
@@ -60,13 +86,21 @@ def saturation(url: str, n: int, processes: int, tmp: Path) -> tuple[float, floa
             wait_until(lambda: caught_up(store, agents, expected), 600, "saturation run")
             elapsed = time.perf_counter() - start
             after = int(client_redis.info("stats")["total_net_input_bytes"])
+            cpu = _tree_cpu_s(worker.proc.pid) - cpu_before
             client.close(5)
-        return n / elapsed, (after - before) / n
+        return {
+            "rate": n / elapsed,
+            "bytes": (after - before) / n,
+            "cpu_ms": cpu / n * 1e3,
+            "fast": store.counters().get("fast_path_runs", 0) / n,
+        }
     finally:
         store.delete_prefix()
 
 
-def visible_latency(url: str, rate: float, seconds: float, tmp: Path) -> list[float]:
+def visible_latency(
+    url: str, rate: float, seconds: float, tmp: Path, fast_path: bool
+) -> list[float]:
     prefix = f"bench-pipe:{uuid.uuid4().hex[:8]}:"
     store = Store(redis.Redis.from_url(url, decode_responses=True), prefix)
     agent = "latency-agent"
@@ -81,9 +115,9 @@ def visible_latency(url: str, rate: float, seconds: float, tmp: Path) -> list[fl
             time.sleep(0.005)
 
     try:
-        with celery_workers(worker_env(prefix, url), tmp) as workers:
-            workers.start("lat", concurrency=2)
-            client = _client(url, prefix, tmp / "spool-lat")
+        with celery_workers(worker_env(prefix, url, ingest_fast_path=fast_path), tmp) as workers:
+            workers.start(f"lat{fast_path}", concurrency=2)
+            client = _client(url, prefix, tmp / f"spool-lat{fast_path}")
             watcher = threading.Thread(target=monitor, daemon=True)
             watcher.start()
             interval = 1.0 / rate
@@ -121,21 +155,40 @@ def main() -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--runs", type=int, default=4000)
     ap.add_argument("--latency-seconds", type=float, default=20.0)
+    ap.add_argument("--modes", default="off,on", help="ingest fast path: off (baseline), on")
     args = ap.parse_args()
+    modes = [m.strip() == "on" for m in args.modes.split(",")]
+    engine = engine_throughput(2000, 100)
+    print(f"engine only, 100 runs per fold: {engine:.0f} runs/s")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        results = {p: saturation(args.redis_url, args.runs, p, tmp) for p in (1, 2)}
-        print("| worker processes | learned runs/s | Redis input bytes / learned run |")
-        print("|---|---|---|")
-        for p, (rate, nbytes) in results.items():
-            print(f"| {p} | {rate:.0f} | {nbytes / 1024:.1f} KiB |")
-        half = results[2][0] / 2
-        lat = visible_latency(args.redis_url, half, args.latency_seconds, tmp)
         print(
-            f"\nsubmit-to-visible at {half:.0f} runs/s ({len(lat)} runs): "
-            f"p50 {statistics.median(lat) * 1e3:.0f} ms, p99 {_pct(lat, 0.99) * 1e3:.0f} ms, "
-            f"max {max(lat) * 1e3:.0f} ms"
+            "| fast path | worker processes | learned runs/s | vs engine | "
+            "Redis input / learned run | worker CPU / learned run | learned by ingest |"
         )
+        print("|---|---|---|---|---|---|---|")
+        halves: dict[bool, float] = {}
+        for fast in modes:
+            for p in (1, 2):
+                r = saturation(args.redis_url, args.runs, p, tmp, fast)
+                print(
+                    f"| {'on' if fast else 'off'} | {p} | {r['rate']:.0f} | "
+                    f"{r['rate'] / engine:.0%} | {r['bytes'] / 1024:.1f} KiB | "
+                    f"{r['cpu_ms']:.2f} ms | {r['fast']:.0%} |",
+                    flush=True,
+                )
+                if p == 2:
+                    halves[fast] = r["rate"] / 2
+        print()
+        for fast in modes:
+            half = halves[fast]
+            lat = visible_latency(args.redis_url, half, args.latency_seconds, tmp, fast)
+            print(
+                f"fast path {'on' if fast else 'off'}: submit-to-visible at {half:.0f} runs/s "
+                f"({len(lat)} runs): p50 {statistics.median(lat) * 1e3:.0f} ms, "
+                f"p99 {_pct(lat, 0.99) * 1e3:.0f} ms, max {max(lat) * 1e3:.0f} ms",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class StoreOutcome:
 
     new: bool
     conflict: str | None = None  # the stored JSON, when it differs from the submitted run
+    position: int | None = None  # absolute index offset of a run stored now
 
 
 class Store:
@@ -174,12 +175,18 @@ class Store:
             agent = run.agent_id
             keys += [self.keys.run(agent, run.id), self.keys.runs_index(agent)]
             keys += [self.keys.tombstones(agent), self.keys.stored_at(agent)]
+            keys.append(self.keys.cursor(agent))
             args += [text, run.id]
         keys.append(self.keys.agents())
         args += [run.agent_id for run in runs]
-        replies = self._durably("storing runs", self._store_runs, keys, args)
+        replies, positions = self._durably("storing runs", self._store_runs, keys, args)
         return [
-            StoreOutcome(reply == 1, reply if isinstance(reply, str) else None) for reply in replies
+            StoreOutcome(
+                reply == 1,
+                reply if isinstance(reply, str) else None,
+                int(position) if reply == 1 else None,
+            )
+            for reply, position in zip(replies, positions, strict=True)
         ]
 
     def store_run(self, run: RunRecord) -> bool:
@@ -256,6 +263,10 @@ class Store:
     ) -> LearnBatch:
         """The next runs past the learned offset, with the cursor and `state_keys`' values."""
         return self._read(agent_id, start=None, count=max_runs, state_keys=tuple(state_keys))
+
+    def read_state(self, agent_id: str, state_keys: Iterable[str]) -> LearnBatch:
+        """The cursor and `state_keys`' values in one round trip, no runs (ingest's fast path)."""
+        return self._read(agent_id, start=None, count=0, state_keys=tuple(state_keys))
 
     def _read(
         self, agent_id: str, *, start: int | None, count: int, state_keys: tuple[str, ...]

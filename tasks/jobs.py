@@ -124,7 +124,8 @@ class AgentArgs(TaskArgs):
 
 @task(INGEST_TASK, IngestArgs, retry_backoff_max=60, max_retries=None)
 def ingest_runs(payloads: list[str]) -> dict[str, int]:
-    """Validate, store (idempotently) and make sure each agent's learn is pending."""
+    """Validate and store (idempotently); learn from memory where the fast path
+    applies (`learning.learn_ingested`), else make sure the agent's learn is pending."""
     settings = get_settings()
     store = _store()
     result = learning.ingest(
@@ -134,13 +135,27 @@ def ingest_runs(payloads: list[str]) -> dict[str, int]:
         max_depth=settings.max_json_depth,
         max_raw=settings.dead_letter_raw_max_bytes,
     )
-    schedule_learn(store, result.agents, settings)
+    caught_up: dict[str, bool] = {}
+    if settings.ingest_fast_path and result.stored:
+        try:
+            caught_up = learning.learn_ingested(
+                store,
+                result,
+                config=learning.engine_config(settings),
+                max_runs=settings.learn_batch_size,
+            )
+        except RETRY_ON:
+            raise
+        except Exception:  # an optimisation only: the learn task does it the usual way
+            log.exception("fast path failed; the learn task takes over")
+    schedule_learn(store, [a for a in result.agents if not caught_up.get(a)], settings)
     for pos, reason in result.rejected:
         log.warning("rejected run %d of %d: %s", pos + 1, len(payloads), reason)
     return {
         "stored": len(result.stored),
         "duplicates": len(result.duplicates),
         "rejected": len(result.rejected),
+        "learned_here": len(caught_up),
     }
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from storage import strictjson
 from storage.errors import InvalidRecord
 from storage.keys import agent_id_problem
 from storage.models import RunRecord, parse_wire
-from storage.store import Store, dumps, loads_or_none
+from storage.store import Cursor, Store, dumps, loads_or_none
 from storage.strictjson import DEFAULT_MAX_DEPTH
 from storage.timestamps import format_ns
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
@@ -97,6 +98,7 @@ def _default_raw_limit() -> int:
 @dataclass(slots=True)
 class IngestResult:
     stored: list[RunRecord] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # each stored run's index offset
     duplicates: list[RunRecord] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
     conflicts: list[RunRecord] = field(default_factory=list)  # same id, other content
@@ -227,6 +229,7 @@ def ingest(
     for run, text, outcome in zip(valid, encoded, outcomes, strict=True):
         if outcome.new:
             result.stored.append(run)
+            result.positions.append(outcome.position if outcome.position is not None else -1)
         elif outcome.conflict is not None and not _same_json(outcome.conflict, text):
             result.conflicts.append(run)
             reason = (
@@ -349,7 +352,6 @@ def learn_step(
     """
     k = store.keys
     batch = store.read_learn_batch(agent, max_runs, [k.accumulators(agent), k.plan(agent)])
-    cursor = batch.cursor
     if not batch.run_ids:
         return StepResult(0, 0, 0, True, True)
     runs: list[Run] = []
@@ -362,16 +364,45 @@ def learn_step(
             runs.append(run)
     learning_keys = required_windows(agent, runs)
     window_raw = store.get_many([k.acg_observations(key) for key in learning_keys])
+    return _fold_and_commit(
+        store,
+        agent,
+        batch.cursor,
+        len(batch.run_ids),
+        runs,
+        dead,
+        {**batch.state, **window_raw},
+        learning_keys,
+        config=config,
+        clock=clock,
+    )
+
+
+def _fold_and_commit(
+    store: Store,
+    agent: str,
+    cursor: Cursor,
+    consumed: int,
+    runs: list[Run],
+    dead: list[str],
+    raw_state: Mapping[str, str | None],
+    learning_keys: Sequence[str],
+    *,
+    config: EngineConfig,
+    clock: Callable[[], str] | None,
+) -> StepResult:
+    """Fold `runs` into the state read at `cursor` and commit `consumed` index
+    entries past `cursor.learned` with the compare-and-set (both learn paths)."""
+    k = store.keys
     state = AgentState(
         agent,
-        accumulators=loads_or_none(batch.state[k.accumulators(agent)]),
-        plan=loads_or_none(batch.state[k.plan(agent)]),
+        accumulators=loads_or_none(raw_state[k.accumulators(agent)]),
+        plan=loads_or_none(raw_state[k.plan(agent)]),
         windows={
-            key: loads_or_none(window_raw[k.acg_observations(key)]) or [] for key in learning_keys
+            key: loads_or_none(raw_state[k.acg_observations(key)]) or [] for key in learning_keys
         },
     )
     changes = fold(state, runs, config=config, **({"clock": clock} if clock else {}))
-    consumed = len(batch.run_ids)
     result = store.commit(
         agent,
         cursor.learned,
@@ -390,6 +421,133 @@ def learn_step(
         caught_up and result.committed,
         tuple(changes.changed()) if result.committed else (),
     )
+
+
+def contiguous_batches(result: IngestResult) -> dict[str, tuple[int, list[RunRecord]]]:
+    """Per agent, the runs this ingest stored, when they sit together in its index.
+
+    agent -> (first index offset, runs in index order). An agent whose new
+    runs are interleaved with another ingest's (two publishers of one agent)
+    is left out: its index between them holds runs this ingest does not
+    have in memory.
+    """
+    by_agent: dict[str, list[tuple[int, RunRecord]]] = {}
+    for run, position in zip(result.stored, result.positions, strict=True):
+        if position >= 0:
+            by_agent.setdefault(run.agent_id, []).append((position, run))
+    batches: dict[str, tuple[int, list[RunRecord]]] = {}
+    for agent, placed in by_agent.items():
+        placed.sort(key=lambda item: item[0])
+        first = placed[0][0]
+        if all(position == first + i for i, (position, _) in enumerate(placed)):
+            batches[agent] = (first, [run for _, run in placed])
+    return batches
+
+
+def learn_stored(
+    store: Store,
+    agent: str,
+    first: int,
+    records: Sequence[RunRecord],
+    *,
+    config: EngineConfig,
+    clock: Callable[[], str] | None = None,
+) -> StepResult | None:
+    """Ingest's fast path: learn runs just stored at offsets `first`.. from memory.
+
+    The common case is one agent's runs arriving in order: its learned
+    offset stands right before the batch this ingest stored, and the runs
+    are already validated in memory. Folding them here saves the learn
+    message, re-reading the runs from Redis and parsing them again. It is
+    the same fold and the same compare-and-set as `learn_step` (the offset
+    fences it): a learner that moved the offset meanwhile makes the commit
+    refuse, and then the runs are simply learned by the learn task. The
+    caller holds the agent's lease.
+
+    None when the learned offset is not at `first` (earlier runs still
+    unlearned, or already learned past them): nothing was written.
+    """
+    k = store.keys
+    runs = [engine_run(record) for record in records]
+    learning_keys = required_windows(agent, runs)
+    # One round trip: cursor, accumulators, plan and the windows these runs need.
+    batch = store.read_state(
+        agent,
+        [k.accumulators(agent), k.plan(agent), *(k.acg_observations(key) for key in learning_keys)],
+    )
+    if batch.cursor.learned != first:
+        return None
+    return _fold_and_commit(
+        store,
+        agent,
+        batch.cursor,
+        len(runs),
+        runs,
+        [],
+        batch.state,
+        learning_keys,
+        config=config,
+        clock=clock,
+    )
+
+
+# A fast-path fold is one ingest message's runs: short. A learner that
+# outlives its lease only loses the compare-and-set, and a worker killed
+# holding it blocks the agent's learning no longer than this.
+FAST_PATH_LEASE_MS = 10_000
+
+
+# After its own batch, the fast path learns what other ingests stored
+# meanwhile for as long as this (their runs would otherwise wait for the
+# lease to be free: a learn task that finds it held looks again 0.5 s later).
+FAST_PATH_CATCH_UP_S = 2.0
+
+
+def learn_ingested(
+    store: Store,
+    result: IngestResult,
+    *,
+    config: EngineConfig,
+    max_runs: int,
+    lease_ms: int = FAST_PATH_LEASE_MS,
+    clock: Callable[[], str] | None = None,
+) -> dict[str, bool]:
+    """Learn, from memory, each agent's runs this ingest stored, where the fast path applies.
+
+    Per agent: its new runs sit together in its index, its lease is free,
+    and its learned offset stands right before them (`learn_stored`).
+    Holding the lease after that commit, it also learns (from Redis, at
+    most `max_runs` per commit) what other ingests of the agent stored
+    meanwhile: they found the lease taken and left their runs to whoever
+    learns next. Returns, per agent learned here, whether it is caught up;
+    every other agent of the ingest, and any not caught up, needs the learn
+    task. Runs stored after the last read belong to ingests that learn or
+    schedule them themselves, so no wake-up is lost.
+    """
+    learned: dict[str, bool] = {}
+    fast_runs = 0
+    for agent, (first, records) in contiguous_batches(result).items():
+        token = uuid.uuid4().hex
+        if not store.acquire_lease(agent, token, lease_ms):
+            continue  # a learner is at it; the learn task takes these runs
+        try:
+            step = learn_stored(store, agent, first, records, config=config, clock=clock)
+            if step is None or not step.committed:
+                continue
+            fast_runs += step.learned
+            caught_up = step.caught_up
+            if store.cursor(agent).lag:
+                deadline = time.monotonic() + FAST_PATH_CATCH_UP_S
+                summary = catch_up(
+                    store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
+                )
+                caught_up = summary.caught_up
+            learned[agent] = caught_up
+        finally:
+            store.release_lease(agent, token)
+    if fast_runs:
+        store.incr_counter("fast_path_runs", fast_runs)
+    return learned
 
 
 @dataclass(slots=True)

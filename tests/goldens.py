@@ -110,3 +110,46 @@ def assert_json_close(actual: Any, expected: Any, *, rel: float = 1e-9, path: st
         assert type(actual) is type(expected) and actual == expected, (
             f"{path}: {actual!r} != {expected!r}"
         )
+
+
+def dump_runtime_keys(client: Any, prefix: str) -> dict[str, object]:
+    """Every runtime-kind key under the prefix, with its value, prefix stripped."""
+    from storage.keys import OWN, RUNTIME_KINDS
+
+    values: dict[str, object] = {}
+    for key in client.scan_iter(prefix.replace("*", r"\*") + "*"):
+        rest = key[len(prefix) :]
+        if rest.startswith(OWN + ":"):
+            continue
+        assert rest.split(":", 1)[0] in RUNTIME_KINDS, key
+        if client.type(key) == "list":
+            values[rest] = client.lrange(key, 0, -1)
+        else:
+            values[rest] = json.loads(client.get(key))
+    return values
+
+
+def without_volatile_key(key: str, value: Any) -> Any:
+    """`key` is without the prefix, so its kind is its first segment."""
+    from worker.engine.fold import without_volatile
+
+    return without_volatile(key.split(":", 1)[0], value)
+
+
+def assert_matches_capture(client: Any, prefix: str, cap: Capture) -> None:
+    """The runtime-kind keys under `prefix` equal the capture's: the same keys, the
+    same values (run records and plans exactly, the rest to 1e-9 relative), apart
+    from what the runtime takes from the clock and random UUIDs."""
+    ours = dump_runtime_keys(client, prefix)
+    theirs = {
+        e.key[len(cap.prefix) :]: (e.raw if isinstance(e.raw, list) else json.loads(e.raw))
+        for e in cap.keys
+    }
+    assert sorted(ours) == sorted(theirs)
+    for key, expected in theirs.items():
+        if key.startswith(("runs", "plan")):
+            assert_json_close(ours[key], expected, rel=0.0, path=key)
+        else:
+            assert_json_close(
+                without_volatile_key(key, ours[key]), without_volatile_key(key, expected), path=key
+            )

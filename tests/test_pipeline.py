@@ -102,6 +102,9 @@ def test_exactly_once_under_concurrency_and_duplicates(
         assert _root_call1_count(real_store, agent) == expected[agent]
     counters = real_store.counters()
     assert counters["runs_learned"] == 2000
+    # Both learn paths ran: ingest learned runs from memory, and the learn
+    # task took what it could not (four processes racing on three agents).
+    assert 0 < counters["fast_path_runs"] < 2000
     dead = [json.loads(d) for d in real_store.dead_letters()]
     assert len(dead) == len(malformed)
     assert all(d["stage"] == "ingest" and d["reason"] for d in dead)

@@ -12,39 +12,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
 from typer.testing import CliRunner
 
-from storage.keys import OWN, RUNTIME_KINDS
 from storage.store import Store
 from tasks.learning import catch_up, ingest
 from tests.conftest import REDIS_URL
-from tests.goldens import CAPTURES, Capture, assert_json_close, load_capture
+from tests.goldens import (
+    CAPTURES,
+    Capture,
+    assert_matches_capture,
+    dump_runtime_keys,
+    load_capture,
+    without_volatile_key,
+)
 from worker.cli import app
-from worker.engine.fold import EngineConfig, without_volatile
-
-
-def _dump(client: redis.Redis, prefix: str) -> dict[str, object]:
-    """Every runtime-kind key under the prefix, with its value, prefix stripped."""
-    values: dict[str, object] = {}
-    for key in client.scan_iter(prefix.replace("*", r"\*") + "*"):
-        rest = key[len(prefix) :]
-        if rest.startswith(OWN + ":"):
-            continue
-        assert rest.split(":", 1)[0] in RUNTIME_KINDS, key
-        if client.type(key) == "list":
-            values[rest] = client.lrange(key, 0, -1)
-        else:
-            values[rest] = json.loads(client.get(key))
-    return values
-
-
-def _without_volatile(key: str, value: Any) -> Any:
-    """`key` is without the prefix, so its kind is its first segment."""
-    return without_volatile(key.split(":", 1)[0], value)
+from worker.engine.fold import EngineConfig
 
 
 @pytest.fixture
@@ -70,19 +55,7 @@ def test_replay_reproduces_the_capture(
     summary = json.loads(result.output)
     assert summary["runs_stored"] == 4 and summary["learned"] == 4
 
-    ours = _dump(real_redis, prefix)
-    theirs = {
-        e.key[len(cap.prefix) :]: (e.raw if isinstance(e.raw, list) else json.loads(e.raw))
-        for e in cap.keys
-    }
-    assert sorted(ours) == sorted(theirs)
-    for key, expected in theirs.items():
-        if key.startswith(("runs", "plan")):
-            assert_json_close(ours[key], expected, rel=0.0, path=key)
-        else:
-            assert_json_close(
-                _without_volatile(key, ours[key]), _without_volatile(key, expected), path=key
-            )
+    assert_matches_capture(real_redis, prefix, cap)
 
 
 @pytest.mark.parametrize("capture", CAPTURES)
@@ -104,5 +77,10 @@ def test_batching_does_not_change_the_result(
             clock=lambda: "2026-01-01T00:00:00.000000000+00:00",
         )
         assert summary.learned == 4 and summary.commits == 4 // size
-        results.append({k: _without_volatile(k, v) for k, v in _dump(real_redis, prefix).items()})
+        results.append(
+            {
+                k: without_volatile_key(k, v)
+                for k, v in dump_runtime_keys(real_redis, prefix).items()
+            }
+        )
     assert results[0] == results[1] == results[2]

@@ -95,6 +95,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "adaptive_learn_tasks",
         "Learn task executions (debounced: at most one queued per agent).",
     ),
+    "fast_path_runs": (
+        "adaptive_fast_path_runs",
+        "Runs learned by ingest from memory (fast path), also counted in runs_learned.",
+    ),
 }
 # A counter added to the hash later is still exported, as adaptive_<field>_total.
 _FIELD = re.compile(r"[a-z_][a-z0-9_]*")

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="Beat: apply the retention policy this often (unset/0: off).",
     )
 
+    ingest_fast_path: bool = Field(
+        default=True,
+        description="Ingest learns the runs it stored from memory when the agent's learned "
+        "offset is right before them (else the learn task does).",
+    )
     learn_pending_ttl_s: PositiveInt = Field(
         default=120,
         description="Expiry of the one-pending-learn-per-agent marker (bounds a lost learn).",
@@ -232,10 +237,12 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, description="Client: bytes held in memory waiting to publish."
     )
     client_batch_max_runs: PositiveInt = Field(
-        default=100, description="Client: most runs in one ingest message."
+        default=500,
+        description="Client: most runs in one ingest message (a worker learns a message's "
+        "runs of one agent in one commit, which rewrites the agent's whole state).",
     )
     client_batch_max_bytes: PositiveInt = Field(
-        default=1024 * 1024,
+        default=4 * 1024 * 1024,
         description="Client: most bytes of runs in one ingest message (a larger run goes alone).",
     )
     client_linger_ms: NonNegativeFloat = Field(

@@ -212,8 +212,8 @@ class ClientSettings:
     broker_delivery_limit: int = 20
     client_buffer_max_runs: int = 10_000
     client_buffer_max_bytes: int = 64 * 1024 * 1024
-    client_batch_max_runs: int = 100
-    client_batch_max_bytes: int = 1024 * 1024
+    client_batch_max_runs: int = 500
+    client_batch_max_bytes: int = 4 * 1024 * 1024
     client_linger_ms: float = 50.0
     client_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     client_spool_dir: Path | None = None

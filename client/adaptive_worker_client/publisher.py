@@ -85,6 +85,10 @@ _RECEIPT_STATS = (
 )
 
 
+def _agent_of(record: Record) -> str:
+    return record[1] or ""
+
+
 class RunClient:
     """Fire-and-forget submission of run records to the ingest queue.
 
@@ -554,11 +558,19 @@ class RunClient:
                 return
 
     def _batches(self, records: Sequence[Record]) -> Iterable[list[Record]]:
+        """Messages within the size limits, each agent's runs together and in order.
+
+        Grouped by agent (a stable sort: each agent's runs keep their order)
+        because a worker learns an ingest's runs from memory per agent: one
+        commit rewrites the agent's whole state (~1 MB with full prompts), so
+        100 runs of one agent per message cost one commit, where 25 runs of
+        each of 4 agents would cost four.
+        """
         max_runs = self.settings.client_batch_max_runs
         max_bytes = self.settings.client_batch_max_bytes
         batch: list[Record] = []
         size = 0
-        for record in records:
+        for record in sorted(records, key=_agent_of):
             if batch and (len(batch) >= max_runs or size + record[2] > max_bytes):
                 yield batch
                 batch, size = [], 0

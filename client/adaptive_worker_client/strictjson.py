@@ -140,26 +140,28 @@ def _outside_strings(raw: bytes) -> bytes:
     return b"".join(kept)
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
 def value_depth(value: Any, limit: int) -> int:
     """Nesting depth of decoded containers, level by level (no recursion); stops past `limit`.
 
-    One list comprehension per level keeps it near C speed: a message of
-    100 runs as objects costs less than decoding it did.
+    One comprehension per level and C-level `extend`s keep it near C speed
+    (isinstance with a tuple, not a `|` union: half the time per item): it
+    runs on every run a worker ingests, ~100 us for a 7 KB capture-shaped run.
     """
     depth = 0
     level = [value]
     while True:
-        containers = [item for item in level if isinstance(item, dict | list | tuple)]
+        containers = [item for item in level if isinstance(item, _CONTAINERS)]
         if not containers:
             return depth
         depth += 1
         if depth > limit:
             return depth
-        level = [
-            child
-            for item in containers
-            for child in (item.values() if isinstance(item, dict) else item)
-        ]
+        level = []
+        for item in containers:
+            level.extend(item.values() if isinstance(item, dict) else item)
 
 
 def check_value(value: Any, *, max_depth: int) -> None:

@@ -41,10 +41,13 @@ DEFAULT_WINDOW_SIZE = 100
 _MALFORMED = (ValueError, TypeError, KeyError, RecursionError)
 
 _Prepared = tuple[str, dict[str, Any]] | None
-_CACHE_LIMIT = 256
+_CACHE_LIMIT = 4096
 # (id(request), agent_id) -> (request, prepared). The request is held so its id
 # cannot be reused while the entry lives; it lets `fold_acg` reuse the work
 # `run_learning_keys` did on the same record objects (records are not mutated).
+# Large enough for a whole learn batch (500 runs of a few LLM calls each): at
+# 256 a batch of 100 capture-shaped runs (300 requests) cleared it midway and
+# the fold built half the prompts twice.
 _prepared_cache: dict[tuple[int, str], tuple[Any, _Prepared]] = {}
 
 
