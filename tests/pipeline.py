@@ -73,6 +73,9 @@ class Workers:
     env: dict[str, str]
     logdir: Path
     started: list[Worker] = field(default_factory=list)
+    # Prepended to the command: `("ip", "netns", "exec", ns)` runs the worker on
+    # another "host" (tests/netns.py); it execs, so the pid is still celery's.
+    launcher: tuple[str, ...] = ()
 
     def start(
         self, name: str, concurrency: int = 2, timeout: float = 60.0, extra: tuple[str, ...] = ()
@@ -91,6 +94,7 @@ class Workers:
         """Start a worker without waiting for it (a restart that boots while others work)."""
         log = self.logdir / f"{name}.log"
         cmd = [
+            *self.launcher,
             CELERY,
             "-A",
             "worker",
