@@ -11,6 +11,9 @@
    visible once the learned offset passes its index position.
 4. Worker CPU per learned run: user + system time of every process of the
    worker (the consumer and its pool), read from /proc before it stops.
+5. The worker alone (drain): the same runs published first, then a worker
+   started; runs/s from its "ready" until all are learned (the
+   publishing agent's encoding is not timed, and it competes for no core).
 Each is measured with ingest's fast path off (the learn task learns every
 run: the baseline) and on, in the same run, next to the engine alone
 folding 100 runs at a time (`bench.learn.engine_throughput`).
@@ -98,6 +101,32 @@ def saturation(url: str, n: int, processes: int, tmp: Path, fast_path: bool) -> 
         store.delete_prefix()
 
 
+def drain(url: str, n: int, processes: int, tmp: Path, fast_path: bool) -> float:
+    """Learned runs/s of the worker alone: the runs are published first (the
+    client's encoding and publishing are not timed), then the worker starts
+    and the clock runs from its "ready" until all are learned."""
+    prefix = f"bench-pipe:{uuid.uuid4().hex[:8]}:"
+    store = Store(redis.Redis.from_url(url, decode_responses=True), prefix)
+    agents = [f"agent-{i}" for i in range(4)]
+    runs = []
+    for i, agent in enumerate(agents):
+        runs += list(synthetic_runs(n // 4, agent_id=agent, seed=200 + i))
+    expected = {a: n // 4 for a in agents}
+    env = worker_env(prefix, url, ingest_fast_path=fast_path)
+    try:
+        client = _client(url, prefix, tmp / f"spool-drain{processes}{fast_path}")
+        client.submit_runs(runs)
+        assert client.flush(120), "publishing did not finish"
+        client.close(5)
+        with celery_workers(env, tmp) as workers:
+            workers.start(f"drain{processes}{fast_path}", concurrency=processes)
+            start = time.perf_counter()  # the worker logged "ready": it consumes from now
+            wait_until(lambda: caught_up(store, agents, expected), 600, "drain run")
+            return n / (time.perf_counter() - start)
+    finally:
+        store.delete_prefix()
+
+
 def visible_latency(
     url: str, rate: float, seconds: float, tmp: Path, fast_path: bool
 ) -> list[float]:
@@ -163,18 +192,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         print(
-            "| fast path | worker processes | learned runs/s | vs engine | "
-            "Redis input / learned run | worker CPU / learned run | learned by ingest |"
+            "| fast path | worker processes | learned runs/s from submit | vs engine | "
+            "worker alone (drain) | vs engine | Redis input / learned run | "
+            "worker CPU / learned run | learned by ingest |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         halves: dict[bool, float] = {}
         for fast in modes:
             for p in (1, 2):
                 r = saturation(args.redis_url, args.runs, p, tmp, fast)
+                d = drain(args.redis_url, args.runs, p, tmp, fast)
                 print(
                     f"| {'on' if fast else 'off'} | {p} | {r['rate']:.0f} | "
-                    f"{r['rate'] / engine:.0%} | {r['bytes'] / 1024:.1f} KiB | "
-                    f"{r['cpu_ms']:.2f} ms | {r['fast']:.0%} |",
+                    f"{r['rate'] / engine:.0%} | {d:.0f} | {d / engine:.0%} | "
+                    f"{r['bytes'] / 1024:.1f} KiB | {r['cpu_ms']:.2f} ms | {r['fast']:.0%} |",
                     flush=True,
                 )
                 if p == 2:

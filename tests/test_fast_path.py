@@ -1,15 +1,17 @@
 """Ingest's fast path: learning an ingest's runs from memory, on the real Redis.
 
 The fast path must be invisible in the result: the same state as the learn
-task (the captured runtime state, for the fixtures), each run learned once,
-and in every case it does not cover (a gap before the batch, the lease held
-elsewhere, runs interleaved with another ingest's, a learner that moved the
-offset meanwhile) it writes nothing and leaves the runs to the learn task.
+task (the captured runtime state, for the fixtures), each run learned once.
+Where it cannot fold from memory (a gap before the batch, runs interleaved
+with another ingest's, a learner that moved the offset meanwhile) it writes
+nothing of its own and, holding the lease, learns from Redis as the learn
+task would; with the lease held elsewhere it leaves the runs to the learn task.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -18,6 +20,7 @@ import redis
 from storage.models import RunRecord, parse_wire
 from storage.store import LearnBatch, Store
 from tasks.learning import (
+    FAST_PATH_LEASE_WAIT_S,
     IngestResult,
     catch_up,
     contiguous_batches,
@@ -71,18 +74,20 @@ def test_fast_path_reproduces_the_capture(
     assert store.client.get(store.keys.lease(cap.agent_id)) is None  # released
 
 
-def test_a_gap_before_the_batch_leaves_it_to_the_learn_task(stores) -> None:  # type: ignore[no-untyped-def]
+def test_a_gap_before_the_batch_is_learned_from_redis(stores) -> None:  # type: ignore[no-untyped-def]
+    """Runs 1-2 stored but not learned (their ingest found the lease taken):
+    the next ingest cannot fold its runs 3-4 from memory alone, so under the
+    lease it learns all four from Redis, in index order, once."""
     cap = load_capture("relay-openai")
     store = stores()
     ingest(store, cap.runs[:2], MAX_BYTES)  # stored, not learned
     result = ingest(store, cap.runs[2:], MAX_BYTES)
     assert result.positions == [2, 3]
-    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {}
-    assert store.cursor(cap.agent_id).learned == 0
-    assert store.client.get(store.keys.accumulators(cap.agent_id)) is None
-    assert "commits" not in store.counters()
-    # The learn task then learns all four, once: the runtime's state.
-    assert catch_up(store, cap.agent_id, max_runs=500, config=CONFIG).learned == 4
+    assert learn_stored(store, cap.agent_id, 2, result.stored, config=CONFIG) is None
+    assert store.client.get(store.keys.accumulators(cap.agent_id)) is None  # wrote nothing
+    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: True}
+    counters = store.counters()
+    assert counters["runs_learned"] == 4 and "fast_path_runs" not in counters
     assert_matches_capture(store.client, store.keys.prefix, cap)
 
 
@@ -91,7 +96,9 @@ def test_a_held_lease_leaves_the_runs_to_the_learn_task(stores) -> None:  # type
     store = stores()
     assert store.acquire_lease(cap.agent_id, "someone-else", 60_000)
     result = ingest(store, cap.runs, MAX_BYTES)
+    started = time.monotonic()
     assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {}
+    assert time.monotonic() - started >= FAST_PATH_LEASE_WAIT_S  # it waited, then gave up
     assert store.cursor(cap.agent_id).learned == 0
     assert store.client.get(store.keys.lease(cap.agent_id)) == "someone-else"
 
@@ -145,8 +152,9 @@ def test_a_rival_commit_fences_the_fast_path_off(real_redis: redis.Redis, stores
     counters = plain.counters()
     assert counters["runs_learned"] == 4 and counters["conflicts"] == 1
     assert_matches_capture(real_redis, plain.keys.prefix, cap)
-    # learn_ingested reports only commits that applied.
-    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {}
+    # Nothing left to learn: caught up, nothing written again.
+    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: True}
+    assert plain.counters()["runs_learned"] == 4 and "fast_path_runs" not in plain.counters()
 
 
 def test_mixed_agents_each_learned_from_memory(stores) -> None:  # type: ignore[no-untyped-def]
