@@ -187,8 +187,10 @@ def main() -> None:
     ap.add_argument("--modes", default="off,on", help="ingest fast path: off (baseline), on")
     args = ap.parse_args()
     modes = [m.strip() == "on" for m in args.modes.split(",")]
-    engine = engine_throughput(2000, 100)
-    print(f"engine only, 100 runs per fold: {engine:.0f} runs/s")
+    # The best of three: one short run moves by tens of percent on a shared
+    # machine, and the best is the conservative baseline for the ratios.
+    engine = max(engine_throughput(2000, 100) for _ in range(3))
+    print(f"engine only, 100 runs per fold (best of 3): {engine:.0f} runs/s")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         print(
