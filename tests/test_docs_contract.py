@@ -93,6 +93,10 @@ def test_the_glossary_explains_every_term_users_see() -> None:
         "dead letter",
         "conflicting duplicate",
         "learned / lag",
+        "fast path",
+        "learned / measured",
+        "ran together",
+        "estimated prefix tokens",
     ):
         assert f"**{term}" in text, term
 
