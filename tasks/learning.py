@@ -327,8 +327,12 @@ def learnable_run(agent: str, raw: str | None) -> Run | str:
     if raw is None:
         return "run key missing"
     fast = canonical_stored_run(agent, raw)
-    if fast is not None:
-        return fast
+    return fast if fast is not None else model_run(agent, raw)
+
+
+def model_run(agent: str, raw: str | bytes) -> Run | str:
+    """`learnable_run` through the wire model: what decides every run that is not
+    in canonical form (coerced, or refused with the model's reason)."""
     try:
         run = parse_wire(RunRecord, raw, trusted=True)
     except InvalidRecord as exc:
@@ -625,14 +629,13 @@ def learn_ingested(
                 step = learn_stored(store, agent, first, records, config=config, clock=clock)
                 if step is not None and step.committed:
                     fast_runs += step.learned
-            caught_up = True
-            if store.cursor(agent).lag:
-                deadline = time.monotonic() + FAST_PATH_CATCH_UP_S
-                summary = catch_up(
-                    store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
-                )
-                caught_up = summary.caught_up
-            learned[agent] = caught_up
+            # Whatever else is unlearned; with nothing left this is one read,
+            # the same round trip as asking the cursor first would be.
+            deadline = time.monotonic() + FAST_PATH_CATCH_UP_S
+            summary = catch_up(
+                store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
+            )
+            learned[agent] = summary.caught_up
         finally:
             store.release_lease(agent, token)
     if fast_runs:

@@ -2,7 +2,8 @@
 
 `learnable_run` takes runs in canonical form (what the model writes) straight
 from JSON and hands anything else to the model. The reference here is the
-model path alone (`parse_wire(trusted=True)` + `engine_run`); for every
+model path alone (`model_run`: `parse_wire(trusted=True)` + `engine_run`,
+what learning did before the shortcut); for every
 input, mutated in the ways a runtime, an older release or a hand-written
 record could differ, both must learn the same run or give the same reason.
 """
@@ -16,22 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.workload import synthetic_runs
-from storage.errors import InvalidRecord
 from storage.models import RunRecord, parse_wire
-from tasks.learning import canonical_stored_run, engine_run, learnable_run
+from tasks.learning import canonical_stored_run, learnable_run, model_run
 from tests.goldens import CAPTURES, load_capture
-from worker.engine.records import Run
-
-
-def _model_path(agent: str, raw: str) -> Run | str:
-    """What learning did before the canonical shortcut (the reference)."""
-    try:
-        run = parse_wire(RunRecord, raw, trusted=True)
-    except InvalidRecord as exc:
-        return str(exc)
-    if run.agent_id != agent:
-        return f"run belongs to agent {run.agent_id!r}, found in {agent!r}'s index"
-    return engine_run(run)
 
 
 def test_captured_and_synthetic_runs_take_the_shortcut_with_equal_values() -> None:
@@ -43,12 +31,10 @@ def test_captured_and_synthetic_runs_take_the_shortcut_with_equal_values() -> No
         fast = canonical_stored_run(agent, canonical)
         assert fast is not None
         assert (
-            repr(fast)
-            == repr(_model_path(agent, canonical))
-            == repr(learnable_run(agent, canonical))
+            repr(fast) == repr(model_run(agent, canonical)) == repr(learnable_run(agent, canonical))
         )
         # As the runtime stored it (its own layout):
-        assert repr(learnable_run(agent, raw)) == repr(_model_path(agent, raw))
+        assert repr(learnable_run(agent, raw)) == repr(model_run(agent, raw))
 
 
 BASE = json.loads(parse_wire(RunRecord, load_capture("relay-openai").runs[0]).to_json())
@@ -126,7 +112,7 @@ def mutated_runs(draw: st.DrawFn) -> dict[str, Any]:
 def test_any_record_is_learned_as_the_model_would(run: dict[str, Any]) -> None:
     raw = json.dumps(run)
     # repr, not ==: True == 1 and 5.0 == 5, but the engine must get the int.
-    assert repr(learnable_run(AGENT, raw)) == repr(_model_path(AGENT, raw))
+    assert repr(learnable_run(AGENT, raw)) == repr(model_run(AGENT, raw))
 
 
 def test_every_single_field_change_is_learned_as_the_model_would() -> None:
@@ -143,7 +129,7 @@ def test_every_single_field_change_is_learned_as_the_model_would() -> None:
                 else:
                     target[field] = value
                 raw = json.dumps(run)
-                assert repr(learnable_run(AGENT, raw)) == repr(_model_path(AGENT, raw)), (
+                assert repr(learnable_run(AGENT, raw)) == repr(model_run(AGENT, raw)), (
                     call,
                     field,
                     value,
