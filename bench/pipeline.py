@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -66,16 +67,21 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
+def _workload(n: int, seed: int) -> tuple[list[str], list[dict[str, Any]], dict[str, int]]:
+    """n capture-shaped runs of 4 agents, and how many each agent must end with."""
+    agents = [f"agent-{i}" for i in range(4)]
+    runs: list[dict[str, Any]] = []
+    for i, agent in enumerate(agents):
+        runs += synthetic_runs(n // 4, agent_id=agent, seed=seed + i)
+    return agents, runs, dict.fromkeys(agents, n // 4)
+
+
 def saturation(url: str, n: int, processes: int, tmp: Path, fast_path: bool) -> dict[str, float]:
     """Learned runs/s, Redis input bytes and worker CPU seconds per learned run."""
     prefix = f"bench-pipe:{uuid.uuid4().hex[:8]}:"
     client_redis = redis.Redis.from_url(url, decode_responses=True)
     store = Store(client_redis, prefix)
-    agents = [f"agent-{i}" for i in range(4)]
-    runs = []
-    for i, agent in enumerate(agents):
-        runs += list(synthetic_runs(n // 4, agent_id=agent, seed=100 + i))
-    expected = {a: n // 4 for a in agents}
+    agents, runs, expected = _workload(n, seed=100)
     env = worker_env(prefix, url, ingest_fast_path=fast_path)
     try:
         with celery_workers(env, tmp) as workers:
@@ -107,11 +113,7 @@ def drain(url: str, n: int, processes: int, tmp: Path, fast_path: bool) -> float
     and the clock runs from its "ready" until all are learned."""
     prefix = f"bench-pipe:{uuid.uuid4().hex[:8]}:"
     store = Store(redis.Redis.from_url(url, decode_responses=True), prefix)
-    agents = [f"agent-{i}" for i in range(4)]
-    runs = []
-    for i, agent in enumerate(agents):
-        runs += list(synthetic_runs(n // 4, agent_id=agent, seed=200 + i))
-    expected = {a: n // 4 for a in agents}
+    agents, runs, expected = _workload(n, seed=200)
     env = worker_env(prefix, url, ingest_fast_path=fast_path)
     try:
         client = _client(url, prefix, tmp / f"spool-drain{processes}{fast_path}")
