@@ -303,7 +303,8 @@ def test_kill_storm_loses_nothing_and_learns_nothing_twice(
         f" crashes {storm.crashes}; storm {storm_s:.1f} s, settle {settle_s:.1f} s;"
         f" republished {sum(int(s['republished']) for s in stats)},"
         f" unconfirmed {sum(int(s['unconfirmed']) for s in stats)},"
-        f" learn tasks {counters.get('learn_tasks')}, dead letters"
+        f" learn tasks {counters.get('learn_tasks')},"
+        f" fast path runs {counters.get('fast_path_runs', 0)}, dead letters"
         f" {real_store.dead_letter_count()}"
     )
     for kill in storm.kills:
@@ -334,6 +335,9 @@ def test_kill_storm_loses_nothing_and_learns_nothing_twice(
         assert cursor.learned == cursor.end == cursor.index_length == per_agent
         assert roots[agent] == per_agent
     assert counters["runs_learned"] == RUNS
+    # Kills fell on both learn paths: ingest learning from memory and the
+    # learn task catching up what the fast path could not take.
+    assert 0 < counters.get("fast_path_runs", 0) < RUNS
     assert real_store.dead_letter_count() == 0
 
     replay_prefix = prefix.rstrip(":") + "-replay:"

@@ -123,9 +123,13 @@ def test_kill_9_mid_learn_loses_and_doubles_nothing(
     prefix = real_store.keys.prefix
     agent = "crash-agent"
     runs = list(synthetic_runs(3000, agent_id=agent, seed=99))
+    # The learn task's crash: with the fast path on, ingest learns each
+    # batch as it lands, so "all stored, learning behind" is a race the test
+    # would win or lose by timing. The kill storm kills the fast path.
     env = worker_env(
         prefix,
         REDIS_URL,
+        ingest_fast_path=0,
         learn_batch_size=50,
         learn_time_budget_s=2,
         task_time_limit_s=5,
