@@ -24,9 +24,10 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml uv.lock
 	$(UV) sync --locked --all-packages
 	@touch $@
 
-# The t-digest compiled with mypyc (2x on the learner's hottest loop). A
-# failed build only means the pure Python module is used: same results.
-$(VENV)/.native: $(VENV)/.installed worker/engine/tdigest.py
+# The t-digest compiled: its C one-sample kernel and mypyc (see
+# worker/engine/native.py). A failed build only means the pure Python
+# module is used: same results.
+$(VENV)/.native: $(VENV)/.installed worker/engine/tdigest.py worker/engine/_tdigest_kernel.c
 	-$(VENV)/bin/python -m worker.engine.native build
 	@touch $@
 

@@ -18,12 +18,15 @@ import json
 import math
 import random
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker.engine import native
+from worker.engine import tdigest as pure_module
 from worker.engine.stats import RunningStats
 from worker.engine.tdigest import TDigest
 
@@ -124,9 +127,16 @@ RUST_VECTORS: dict[str, tuple[int, float, float, str, int, float, float, float, 
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def scenarios() -> dict[str, RunningStats]:
-    return _scenarios()
+@pytest.fixture(scope="module", params=["c-kernel", "loop"])
+def scenarios(request: pytest.FixtureRequest) -> Iterator[dict[str, RunningStats]]:
+    """The crate's scenarios through the C one-sample kernel and through the loop."""
+    if request.param == "c-kernel" and native.KERNEL is None:
+        pytest.skip("no C kernel built for this source (make install builds it)")
+    native.use_kernel(native.KERNEL if request.param == "c-kernel" else None)
+    try:
+        yield _scenarios()
+    finally:
+        native.use_kernel(native.KERNEL)
 
 
 @pytest.mark.parametrize("name", sorted(RUST_VECTORS))
@@ -305,7 +315,7 @@ def test_compiled_digest_gives_the_same_bits_as_the_python_one() -> None:
     """`make install` compiles tdigest.py with mypyc; the learner must not notice."""
     from worker.engine import native
 
-    if native.IMPLEMENTATION != "mypyc":
+    if not native.IMPLEMENTATION.startswith("mypyc"):
         pytest.skip("no compiled t-digest for this source (make install builds it)")
     rng = random.Random(11)
     samples = [rng.lognormvariate(3, 1.2) for _ in range(5000)]
@@ -323,3 +333,91 @@ def test_compiled_digest_gives_the_same_bits_as_the_python_one() -> None:
     assert merged_c.to_wire() == merged_p.to_wire()
     for q in (0.5, 0.9, 0.95, 0.999):
         assert merged_c.estimate_quantile(q) == merged_p.estimate_quantile(q)
+
+
+def _bits(d: TDigest) -> list[bytes]:
+    """Every float of the digest as IEEE bits (NaN equals NaN; -0.0 differs from 0.0)."""
+    floats = [*d.means, *d.weights, d.sum, d.count, d.min, d.max]
+    return [struct.pack("<d", x) for x in floats]
+
+
+_samples = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0.0, -0.0, 1.0, 1.0, 1e-300, 5e-324, 1e300, 2.5]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_samples, min_size=1, max_size=300),
+    st.integers(1, 120),
+    st.lists(st.floats(allow_nan=False, width=32), max_size=12),
+)
+def test_c_kernel_gives_the_loops_bits(
+    values: list[float], max_size: int, stored: list[float]
+) -> None:
+    """The C one-sample kernel against this module's loop, bit for bit: odd
+    samples (NaN, infinities, -0.0, subnormals, ties), tiny and large
+    max_size, and a stored digest whose means are out of order."""
+    if native.KERNEL is None:
+        pytest.skip("no C kernel built for this source (make install builds it)")
+    start = {
+        "centroids": [{"mean": m, "weight": 1.0 + (i % 3)} for i, m in enumerate(stored)],
+        "count": float(sum(1.0 + (i % 3) for i in range(len(stored)))),
+        "max": max(stored, default=0.0),
+        "max_size": max_size,
+        "min": min(stored, default=0.0),
+        "sum": 0.0,
+    }
+    digests = []
+    for kernel in (native.KERNEL, None):
+        native.use_kernel(kernel)
+        try:
+            d = TDigest.from_wire(start)
+            trail = []
+            for v in values:
+                d.add(v)
+                trail.append(_bits(d))
+        finally:
+            native.use_kernel(native.KERNEL)
+        digests.append(trail)
+    assert digests[0] == digests[1]
+
+
+def test_c_kernel_declines_what_it_does_not_know() -> None:
+    """Anything but exact floats in exact lists goes back to the loop (None)."""
+    kernel = native.KERNEL
+    if kernel is None:
+        pytest.skip("no C kernel built for this source (make install builds it)")
+    assert kernel.merge_one([1.0, 2], [1.0, 1.0], 1.5, 3.0, 100, True) is None
+    assert kernel.merge_one((1.0,), [1.0], 1.5, 2.0, 100, True) is None
+    assert kernel.merge_one([1.0], [1.0, 2.0], 1.5, 2.0, 100, True) is None
+    assert kernel.merge_one([1.0], [1.0], 1, 2.0, 100, True) is None
+    means, weights, total, in_order = kernel.merge_one([1.0], [1.0], 3.0, 2.0, 100, True)
+    assert (means, weights, total, in_order) == ([1.0, 3.0], [1.0, 1.0], 4.0, True)
+    with pytest.raises(TypeError):
+        kernel.merge_one([1.0], [1.0], 3.0)
+
+
+def test_both_compiled_builds_use_the_kernel_when_selected() -> None:
+    """`use_kernel` reaches the mypyc build too (its module globals are its own)."""
+    compiled = sys.modules.get("_tdigest_native") or sys.modules.get(
+        "worker.engine._tdigest_native"
+    )
+    modules = [pure_module] + ([compiled] if compiled is not None else [])
+    calls: list[int] = []
+
+    class Spy:
+        @staticmethod
+        def merge_one(*args: object) -> None:
+            calls.append(1)  # then decline: the loop runs
+
+    native.use_kernel(Spy)
+    try:
+        for cls in {native.TDigest, TDigest}:
+            d = cls(100)
+            d.add(1.0)
+            d.add(2.0)
+    finally:
+        native.use_kernel(native.KERNEL)
+    assert len(calls) == 2 * len({native.TDigest, TDigest})
+    assert all(m._KERNEL is native.KERNEL for m in modules)

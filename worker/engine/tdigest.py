@@ -28,8 +28,12 @@ Facts about the crate that matter (all easy to get wrong):
 
 The runtime feeds one sample at a time (`merge_unsorted(vec![x])`), so the hot
 path is `add`, written with parallel lists of means and weights instead of
-centroid objects.  (`merge_digests` may leave max_size + 1 centroids; the
-crate does too.)
+centroid objects. When `make install` built it, a C kernel
+(`_tdigest_kernel.c`, loaded by `native.py` into `_KERNEL`) does that
+one-sample insert and recompression on plain doubles, operation for
+operation the same as `_compress` below; it declines (returns None) on
+anything unusual and this module's loop runs instead.  (`merge_digests` may
+leave max_size + 1 centroids; the crate does too.)
 
 Verified bit for bit against the crate itself (its 0.2.3 source compiled with
 a small harness; see tests/engine/test_tdigest.py), including compression,
@@ -45,6 +49,10 @@ from typing import Any
 
 DEFAULT_MAX_SIZE = 100
 _NAN = float("nan")
+
+# The C one-sample kernel, set by worker.engine.native when its build matches
+# the source; None means the Python loop below.
+_KERNEL: Any = None
 
 
 def _k_to_q(k: float, d: float) -> float:
@@ -135,10 +143,16 @@ def _compress(
     prev = out_m[0]
     for m in out_m:
         if m < prev:
-            order = sorted(range(len(out_m)), key=out_m.__getitem__)
-            return [out_m[i] for i in order], [out_w[i] for i in order], total
+            return _sorted_by_mean(out_m, out_w, total)
         prev = m
     return out_m, out_w, total
+
+
+def _sorted_by_mean(
+    means: list[float], weights: list[float], total: float
+) -> tuple[list[float], list[float], float]:
+    order = sorted(range(len(means)), key=means.__getitem__)
+    return [means[i] for i in order], [weights[i] for i in order], total
 
 
 class TDigest:
@@ -209,6 +223,18 @@ class TDigest:
         weights = self.weights
         if len(values) == 1:
             v = values[0]
+            if _KERNEL is not None:
+                done = _KERNEL.merge_one(means, weights, v, count, self.max_size, self._sorted)
+                if done is not None:
+                    out_m, out_w, total, in_order = done
+                    if not in_order:
+                        out_m, out_w, total = _sorted_by_mean(out_m, out_w, total)
+                    self.means, self.weights, self.sum = out_m, out_w, total
+                    self._sorted = True
+                    self.count = count
+                    self.min = new_min
+                    self.max = new_max
+                    return
             # Centroids taken before v: the leading run with mean < v.  On
             # sorted means (always, unless a stored value was not) that is
             # bisect_left, done in C.
