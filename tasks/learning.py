@@ -576,21 +576,6 @@ FAST_PATH_LEASE_MS = 10_000
 # meanwhile for as long as this (their runs would otherwise wait for the
 # learn task, which finds the lease taken and looks again 0.5 s later).
 FAST_PATH_CATCH_UP_S = 2.0
-# How long an ingest waits for another learner of the agent to let go
-# (another ingest's fast path holds the lease for ~10-50 ms): waiting a
-# little beats handing the runs to a learn task that must find the lease
-# free later.
-FAST_PATH_LEASE_WAIT_S = 0.2
-_LEASE_POLL_S = 0.005
-
-
-def _acquire_lease(store: Store, agent: str, token: str, lease_ms: int, wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    while not store.acquire_lease(agent, token, lease_ms):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_LEASE_POLL_S)
-    return True
 
 
 def learn_ingested(
@@ -600,44 +585,54 @@ def learn_ingested(
     config: EngineConfig,
     max_runs: int,
     lease_ms: int = FAST_PATH_LEASE_MS,
-    lease_wait_s: float = FAST_PATH_LEASE_WAIT_S,
     clock: Callable[[], str] | None = None,
 ) -> dict[str, bool]:
     """Learn each agent whose runs this ingest stored, while the runs are in memory.
 
-    Per agent, holding its lease (waiting up to `lease_wait_s` for another
-    learner to let go): when its learned offset stands right before this
-    ingest's runs, they are folded from memory (`learn_stored`); then
-    whatever else is unlearned (runs other ingests stored meanwhile, or
+    Per agent, when its lease is free: if its learned offset stands right
+    before this ingest's runs, they are folded from memory (`learn_stored`);
+    then whatever else is unlearned (runs other ingests stored meanwhile, or
     before, when this batch was not next) is learned from Redis like the
-    learn task does, for up to FAST_PATH_CATCH_UP_S. Returns, per agent
+    learn task does, for up to FAST_PATH_CATCH_UP_S.
+
+    An ingest that finds the lease taken does not wait (waiting blocked a
+    pool process for every message of a busy agent, which capped one
+    agent's rate): it leaves its runs to the holder. The holder looks at
+    the agent's lag after letting go and, if runs are left, takes the lease
+    again; a run stored before someone's failed try is therefore seen by
+    the holder's look, which comes after its release. Returns, per agent
     learned here, whether it is caught up; every other agent of the ingest,
-    and any not caught up, needs the learn task. Runs stored after the last
-    read belong to ingests that learn or schedule them themselves, so no
-    wake-up is lost.
+    and any not caught up, gets the learn task as a backstop (a holder that
+    dies leaves those runs to it once the lease expires).
     """
     learned: dict[str, bool] = {}
     fast_runs = 0
     batches = contiguous_batches(result)
     for agent in dict.fromkeys(run.agent_id for run in result.stored):
         token = uuid.uuid4().hex
-        if not _acquire_lease(store, agent, token, lease_ms, lease_wait_s):
-            continue  # a long learn is at it; the learn task takes these runs
-        try:
-            if agent in batches:
-                first, records = batches[agent]
-                step = learn_stored(store, agent, first, records, config=config, clock=clock)
-                if step is not None and step.committed:
-                    fast_runs += step.learned
-            # Whatever else is unlearned; with nothing left this is one read,
-            # the same round trip as asking the cursor first would be.
-            deadline = time.monotonic() + FAST_PATH_CATCH_UP_S
-            summary = catch_up(
-                store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
-            )
-            learned[agent] = summary.caught_up
-        finally:
-            store.release_lease(agent, token)
+        deadline = time.monotonic() + FAST_PATH_CATCH_UP_S
+        batch = batches.get(agent)
+        while store.acquire_lease(agent, token, lease_ms):
+            try:
+                if batch is not None:
+                    first, records = batch
+                    batch = None
+                    step = learn_stored(store, agent, first, records, config=config, clock=clock)
+                    if step is not None and step.committed:
+                        fast_runs += step.learned
+                # Whatever else is unlearned; with nothing left this is one
+                # read, the same round trip as asking the cursor first would be.
+                summary = catch_up(
+                    store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
+                )
+            finally:
+                store.release_lease(agent, token)
+            # Runs left to us by ingests that found the lease taken show as
+            # lag now; not caught up means the learn task as a backstop,
+            # unless we get the lease back before the deadline.
+            learned[agent] = summary.caught_up and store.cursor(agent).lag == 0
+            if learned[agent] or not summary.caught_up or time.monotonic() >= deadline:
+                break
     if fast_runs:
         store.incr_counter("fast_path_runs", fast_runs)
     return learned
