@@ -2,7 +2,8 @@
 
 Measures, in one process on capture-shaped runs (bench/workload.py):
   1. engine only: `fold` one run at a time (the runtime's own granularity)
-     and in batches of 100, learned runs/s;
+     and in batches of 100, learned runs/s (and without the t-digest's C
+     kernel, when it is built);
   2. the per-run cost of learning one more run for an agent with 100 prior
      runs and for one with N prior runs, through the real store (Redis) and
      commit path, probed alternately so noise hits both alike; the ratio
@@ -23,6 +24,7 @@ from bench.workload import synthetic_runs
 from storage.models import RunRecord, parse_wire
 from storage.store import Store
 from tasks.learning import catch_up, ingest
+from worker.engine import native
 from worker.engine.fold import AgentState, EngineConfig, fold
 
 
@@ -64,7 +66,14 @@ def main() -> None:
     single = engine_throughput(2000, 1)
     batched = engine_throughput(2000, 100)
     print(f"engine, 1 run per fold:   {single:8.0f} runs/s")
-    print(f"engine, 100 runs per fold: {batched:8.0f} runs/s")
+    print(f"engine, 100 runs per fold: {batched:8.0f} runs/s (t-digest: {native.IMPLEMENTATION})")
+    if native.KERNEL is not None:
+        native.use_kernel(None)
+        try:
+            loop = engine_throughput(2000, 100)
+        finally:
+            native.use_kernel(native.KERNEL)
+        print(f"  the same without the C kernel: {loop:8.0f} runs/s ({batched / loop:.2f}x)")
 
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"

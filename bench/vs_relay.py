@@ -23,9 +23,14 @@ drain and learners too, until the drain is idle), and learned runs/s: for
 in-process, runs / (first run start .. drain idle); for the workers, runs /
 (discover sent .. learned offset caught up), with the workers' CPU per run
 (all processes of the worker node, from /proc). Learners on minus learners
-off is the runtime's in-process learning cost. One agent, so both learn one
-run stream serially (our lease keeps one learner per agent); the machine's
-2 cores are shared by agent, workers and Redis.
+off is the runtime's in-process learning cost. Both sides are warm when the
+clock starts: the runtime learns 5 warm-up runs first, and the worker
+learns 40 synthetic runs of another agent in 4 messages (connections,
+scripts and first-task costs of a freshly started pool, which a long-running
+worker paid long ago; they were up to a third of a 300-run backlog's time).
+One agent, so both learn one run stream serially (our lease keeps one
+learner per agent); the machine's 2 cores are shared by agent, workers and
+Redis.
 
 Usage: python -m bench.vs_relay [--runs N] [--redis-url URL]
 """
@@ -46,6 +51,8 @@ from typing import Any
 
 import redis
 
+from adaptive_worker_client import RunClient
+from bench.workload import synthetic_runs
 from storage.store import Store
 from tests.pipeline import celery_workers, worker_env
 from worker.celery import DISCOVER_TASK, create_app
@@ -56,6 +63,8 @@ RELAY_PYTHON = ROOT / ".venv-relay" / "bin" / "python"
 AGENT_SCRIPT = ROOT / "tests" / "interop" / "agent_runs.py"
 LEARNERS = "latency_sensitivity,tool_parallelism,acg"
 AGENT = "bench-relay-agent"
+WARM_UP_AGENT = "bench-relay-warm-up"
+WARM_UP_RUNS = 40
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -103,6 +112,29 @@ def wait_learned(store: Store, runs: int, timeout: float = 600) -> float:
         time.sleep(0.01)
 
 
+def warm_up(url: str, prefix: str, spool: Path) -> None:
+    """A started worker learns a few runs of another agent, in several messages
+    so that both pool processes run tasks, before anything is timed."""
+    settings = load_settings(
+        _env_file=None, redis_url=url, key_prefix=prefix, client_spool_dir=spool
+    )
+    client = RunClient(settings)
+    runs = list(synthetic_runs(WARM_UP_RUNS, seed=1, agent_id=WARM_UP_AGENT))
+    try:
+        for i in range(0, WARM_UP_RUNS, 10):
+            client.submit_runs(runs[i : i + 10])
+            if not client.flush(60):
+                raise TimeoutError("warm-up runs not published")
+    finally:
+        client.close(5)
+    store = Store(redis.Redis.from_url(url, decode_responses=True), prefix)
+    deadline = time.perf_counter() + 120
+    while store.cursor(WARM_UP_AGENT).learned < WARM_UP_RUNS:
+        if time.perf_counter() > deadline:
+            raise TimeoutError("warm-up runs not learned")
+        time.sleep(0.05)
+
+
 def per_run_ms(values: list[float]) -> tuple[float, float]:
     ms = sorted(1000 * v for v in values)
     return statistics.fmean(ms), ms[min(len(ms) - 1, int(0.95 * len(ms)))]
@@ -141,6 +173,7 @@ def bench(url: str, runs: int) -> list[dict[str, Any]]:
             try:
                 with celery_workers(env, Path(tmp)) as workers:
                     node = workers.start(f"bench{len(rows)}", concurrency=2)
+                    warm_up(url, prefix, Path(tmp) / f"warm-up-spool{len(rows)}")
                     cpu0 = group_cpu_s(node.proc.pid)
                     out = run_agent(url, prefix, runs, *args)
                     if pipelined:
