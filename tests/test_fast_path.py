@@ -212,17 +212,22 @@ def test_the_lease_holder_learns_what_arrived_meanwhile(real_redis: redis.Redis,
 
 class _LateStore(Store):
     """Another ingest stores the agent's next runs after the holder's last read
-    and before it lets go: it finds the lease taken and leaves them."""
+    and before it lets go: it finds the lease taken and leaves them. With
+    `rival`, a third learner takes the lease the moment the holder lets go."""
 
     others: list[str]
+    rival = False
 
     def release_lease(self, agent_id: str, token: str) -> bool:
-        if self.others:
-            plain = Store(self.client, self.keys.prefix)
-            late = ingest(plain, self.others, MAX_BYTES)
-            self.others = []
-            assert learn_ingested(plain, late, config=CONFIG, max_runs=500) == {}
-        return super().release_lease(agent_id, token)
+        late, self.others = self.others, []
+        plain = Store(self.client, self.keys.prefix)
+        if late:
+            result = ingest(plain, late, MAX_BYTES)
+            assert learn_ingested(plain, result, config=CONFIG, max_runs=500) == {}
+        released = super().release_lease(agent_id, token)
+        if late and self.rival:
+            assert plain.acquire_lease(agent_id, "rival", 60_000)
+        return released
 
 
 def test_runs_left_while_the_holder_lets_go_are_learned(real_redis: redis.Redis, stores) -> None:  # type: ignore[no-untyped-def]
@@ -240,30 +245,14 @@ def test_runs_left_while_the_holder_lets_go_are_learned(real_redis: redis.Redis,
     assert_matches_capture(real_redis, plain.keys.prefix, cap)
 
 
-class _StolenStore(Store):
-    """As _LateStore, and a rival takes the lease the moment the holder lets go."""
-
-    others: list[str]
-
-    def release_lease(self, agent_id: str, token: str) -> bool:
-        if self.others:
-            plain = Store(self.client, self.keys.prefix)
-            late = ingest(plain, self.others, MAX_BYTES)
-            self.others = []
-            assert learn_ingested(plain, late, config=CONFIG, max_runs=500) == {}
-            released = super().release_lease(agent_id, token)
-            assert plain.acquire_lease(agent_id, "rival", 60_000)
-            return released
-        return super().release_lease(agent_id, token)
-
-
 def test_runs_left_behind_a_rival_get_the_backstop(real_redis: redis.Redis, stores) -> None:  # type: ignore[no-untyped-def]
     """If the lease is gone when the holder looks again, the agent is reported
     not caught up, so the ingest schedules the learn task."""
     cap = load_capture("relay-openai")
     plain = stores()
-    store = _StolenStore(real_redis, plain.keys.prefix)
+    store = _LateStore(real_redis, plain.keys.prefix)
     store.others = cap.runs[2:]
+    store.rival = True
     result = ingest(store, cap.runs[:2], MAX_BYTES)
     assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: False}
     assert plain.cursor(cap.agent_id).learned == 2 and plain.cursor(cap.agent_id).lag == 2

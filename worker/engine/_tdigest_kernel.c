@@ -43,6 +43,18 @@ static double k_to_q(double k, double d) {
     return 2.0 * k_div_d * k_div_d;
 }
 
+/* `Centroid::add(sum, weight)` on the current centroid, applied even when
+   nothing was merged (it re-rounds heavy means); returns its new sum, which
+   the digest's sum is rebuilt from. */
+static inline double emit(double sums_to_merge, double weights_to_merge, double cur_m,
+                          double cur_w, double *mean, double *weight) {
+    double new_sum = sums_to_merge + cur_w * cur_m;
+    double new_w = cur_w + weights_to_merge;
+    *mean = new_sum / new_w;
+    *weight = new_w;
+    return new_sum;
+}
+
 /* Read a list of exact floats; 0 when an item is anything else. */
 static int read_floats(PyObject *list, double *out, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -172,11 +184,8 @@ static PyObject *merge_one(PyObject *self, PyObject *const *args, Py_ssize_t nar
             sums_to_merge += nm * nw;
             weights_to_merge += nw;
         } else {
-            double new_sum = sums_to_merge + cur_w * cur_m;
-            double new_w = cur_w + weights_to_merge;
-            total += new_sum;
-            out_m[emitted] = new_sum / new_w;
-            out_w[emitted] = new_w;
+            total += emit(sums_to_merge, weights_to_merge, cur_m, cur_w, &out_m[emitted],
+                          &out_w[emitted]);
             emitted++;
             sums_to_merge = 0.0;
             weights_to_merge = 0.0;
@@ -186,14 +195,9 @@ static PyObject *merge_one(PyObject *self, PyObject *const *args, Py_ssize_t nar
             cur_w = nw;
         }
     }
-    {
-        double new_sum = sums_to_merge + cur_w * cur_m;
-        double new_w = cur_w + weights_to_merge;
-        total += new_sum;
-        out_m[emitted] = new_sum / new_w;
-        out_w[emitted] = new_w;
-        emitted++;
-    }
+    total += emit(sums_to_merge, weights_to_merge, cur_m, cur_w, &out_m[emitted],
+                  &out_w[emitted]);
+    emitted++;
     int in_order = 1;
     for (Py_ssize_t i = 1; i < emitted; i++) {
         if (out_m[i] < out_m[i - 1]) {
