@@ -8,12 +8,14 @@ environment variables, as in production.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -28,6 +30,14 @@ from worker.engine.fold import without_volatile
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def message_body(envelope: dict[str, Any]) -> bytes:
+    """The Celery body of a Redis-broker envelope: base64 decoded, inflated if zlib."""
+    body = base64.b64decode(envelope["body"])
+    if envelope["headers"].get("compression") == "application/x-gzip":
+        body = zlib.decompress(body)
+    return body
 
 
 def worker_env(prefix: str, redis_url: str, **settings: Any) -> dict[str, str]:

@@ -9,7 +9,6 @@ Timing is never asserted here (bench/submit.py measures the agent-side cost).
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -36,6 +35,7 @@ from adaptive_worker_client.wire import RunRecord, parse_wire
 from tests.conftest import AMQP_URL, needs_rabbitmq
 from tests.goldens import load_capture
 from tests.hostile import violations
+from tests.pipeline import message_body
 from tests.private_redis import PrivateRedis, private_redis
 from worker.celery import broker_key_prefix
 from worker.settings import Settings, load_settings
@@ -82,7 +82,7 @@ def ingest_messages(r: redis.Redis, prefix: str, queue: str = INGEST_QUEUE) -> l
         envelope = json.loads(raw)
         assert envelope["content-type"] == "application/json"
         assert envelope["properties"]["body_encoding"] == "base64"
-        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        args, kwargs, _embed = json.loads(message_body(envelope))
         out.append({"headers": envelope["headers"], "args": args, "kwargs": kwargs})
     return out
 

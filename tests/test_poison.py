@@ -16,6 +16,7 @@ Two layers:
 
 from __future__ import annotations
 
+import bz2
 import inspect
 import json
 import os
@@ -226,6 +227,37 @@ def test_each_bad_message_is_refused_with_a_reason_naming_the_problem(name: str)
     reason = str(caught.value)
     assert fragment in reason, reason
     assert "\n" not in reason and len(reason) <= guard.MAX_REASON
+
+
+def test_inflate_stops_at_the_message_limit() -> None:
+    """zlib bodies (what agents send) inflate up to the limit and not a byte past it."""
+    body = json.dumps([[["r" * 1000]], {}, {}]).encode()
+    previous = guard._inflate_limit
+    try:
+        guard.set_inflate_limit(len(body))
+        assert guard.inflate(zlib.compress(body)) == body
+        guard.set_inflate_limit(len(body) - 1)
+        with pytest.raises(guard.Poison, match="inflates past"):
+            guard.inflate(zlib.compress(body))
+        guard.set_inflate_limit(len(body))
+        with pytest.raises(guard.Poison, match="not one complete"):
+            guard.inflate(zlib.compress(body)[:-4])
+    finally:
+        guard.set_inflate_limit(previous)
+
+
+def test_kombu_inflates_zlib_bodies_only_through_the_bounded_decoder() -> None:
+    """The worker registers `inflate` for kombu's zlib, so a Message never holds
+    more than the limit, whatever its headers say."""
+    bomb = zlib.compress(b"\0" * (4 << 20))
+    previous = guard._inflate_limit
+    try:
+        guard.set_inflate_limit(1 << 20)
+        msg = Message(body=bomb, headers={"compression": guard.ACCEPTED_COMPRESSION})
+        assert msg.errors and "inflates past" in str(msg.errors[0][1])
+        assert len(msg.body) == len(bomb)  # left compressed
+    finally:
+        guard.set_inflate_limit(previous)
 
 
 def _celery_message(name: str, args: list[Any], **options: Any) -> Message:
@@ -562,9 +594,27 @@ def message_cases(pub: Publisher) -> list[Case]:
     )
     add(
         "zip bomb",
-        "compressed body",
+        "compressed body inflates past",
         zlib.compress(b"\0" * (8 << 20)),
         headers={"task": INGEST_TASK, "id": "bomb", "compression": "application/x-gzip"},
+    )
+    add(
+        "bz2 body",
+        "compressed body ('application/x-bz2') not accepted",
+        bz2.compress(_body([[]]).encode()),
+        headers={"task": INGEST_TASK, "id": "bz2", "compression": "application/x-bz2"},
+    )
+    add(
+        "zlib body that is not zlib",
+        "decompressing",
+        b"plainly not zlib",
+        headers={"task": INGEST_TASK, "id": "not-zlib", "compression": "application/x-gzip"},
+    )
+    add(
+        "zlib body with trailing bytes",
+        "not one complete zlib stream",
+        zlib.compress(_body([[]]).encode()) + b"tail",
+        headers={"task": INGEST_TASK, "id": "zlib-tail", "compression": "application/x-gzip"},
     )
     proto1 = {"task": INGEST_TASK, "id": "proto-1", "args": [[]], "kwargs": {}}
     pub.publish(json.dumps(proto1), headers={})

@@ -29,7 +29,14 @@ from bench.workload import synthetic_runs
 from storage.keys import Keys
 from storage.store import Store
 from tests.conftest import REDIS_URL
-from tests.pipeline import Workers, caught_up, celery_workers, wait_until, worker_env
+from tests.pipeline import (
+    Workers,
+    caught_up,
+    celery_workers,
+    message_body,
+    wait_until,
+    worker_env,
+)
 from worker.settings import Settings, load_settings
 
 
@@ -53,13 +60,47 @@ def make_settings(prefix: str, spool: Path, **over: Any) -> Settings:
     return load_settings(_env_file=None, **values)
 
 
+def queued_bodies(r: redis.Redis, prefix: str) -> list[tuple[str | None, bytes]]:
+    """(compression header, body inflated) of each ingest message on the broker."""
+    out = []
+    for raw in r.lrange(broker_key_prefix(prefix) + INGEST_QUEUE, 0, -1):
+        envelope = json.loads(raw)
+        out.append((envelope["headers"].get("compression"), message_body(envelope)))
+    return out
+
+
 def queued_run_ids(r: redis.Redis, prefix: str) -> list[str]:
     """Run ids in the ingest queue's messages, as they are on the broker."""
     ids = []
-    for raw in r.lrange(broker_key_prefix(prefix) + INGEST_QUEUE, 0, -1):
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    for _compression, body in queued_bodies(r, prefix):
+        args, _kwargs, _embed = json.loads(body)
         ids += [json.loads(text)["id"] for text in args[0]]
     return ids
+
+
+@pytest.mark.parametrize(("setting", "header"), [("zlib", "application/x-gzip"), ("none", None)])
+def test_ingest_bodies_are_compressed_unless_turned_off(
+    real_redis: redis.Redis, tmp_path: Path, client_factory: Any, setting: str, header: str | None
+) -> None:
+    """ADAPTIVE_BROKER_COMPRESSION: zlib (the default) shrinks a batch's body
+    several times over; either way it carries the same runs."""
+    prefix = f"test-compress:{uuid.uuid4().hex[:8]}:"
+    runs = list(synthetic_runs(50, agent_id="agent-z", seed=5))
+    client = client_factory(make_settings(prefix, tmp_path / "spool", broker_compression=setting))
+    client.submit_runs(runs)
+    assert client.flush(10)
+    try:
+        [(compression, body)] = queued_bodies(real_redis, prefix)
+        raw = real_redis.lindex(broker_key_prefix(prefix) + INGEST_QUEUE, 0)
+        assert compression == header
+        assert sorted(queued_run_ids(real_redis, prefix)) == sorted(r["id"] for r in runs)
+        on_wire = len(base64.b64decode(json.loads(raw)["body"]))
+        if header is None:
+            assert on_wire == len(body)
+        else:
+            assert on_wire * 5 < len(body)  # 50 runs of one agent repeat their prompts
+    finally:
+        real_redis.delete(broker_key_prefix(prefix) + INGEST_QUEUE)
 
 
 def root_count(store: Store, agent: str) -> int:

@@ -27,6 +27,7 @@ import redis
 
 from adaptive_worker_client import RunClient, spool_scope
 from adaptive_worker_client.contract import INGEST_QUEUE
+from tests.pipeline import message_body
 from tests.private_redis import PrivateRedis, private_redis
 from worker.settings import Settings, load_settings
 
@@ -58,11 +59,9 @@ def run(i: int) -> dict[str, Any]:
 
 def queued_seqs(client: redis.Redis, prefix: str) -> list[int]:
     """Seqs of the runs in the prefix's ingest queue (Celery protocol 2, JSON, base64)."""
-    import base64
-
     out: list[int] = []
     for raw in reversed(client.lrange(f"{prefix}adaptive_worker:celery:{INGEST_QUEUE}", 0, -1)):
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        args, _kwargs, _embed = json.loads(message_body(json.loads(raw)))
         out += [json.loads(text)["seq"] for text in args[0]]
     return out
 

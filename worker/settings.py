@@ -174,6 +174,13 @@ class Settings(BaseSettings):
             " goes to our dead letters; agents and workers must agree (a queue argument)."
         ),
     )
+    broker_compression: Literal["zlib", "none"] = Field(
+        default="zlib",
+        description=(
+            "Agents: compress ingest message bodies (zlib) before publishing. Workers accept"
+            " zlib bodies whatever this says, inflated within ADAPTIVE_MAX_MESSAGE_BYTES."
+        ),
+    )
     task_time_limit_s: PositiveInt = Field(
         default=300,
         description="Hard task time limit; at most half the visibility timeout (soft limit: 90%).",

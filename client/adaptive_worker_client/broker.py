@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AMQP_SCHEMES",
+    "COMPRESSION",
     "DEAD_LETTER_QUEUE",
     "DEFAULT_DELIVERY_LIMIT",
     "REDIS_SCHEMES",
@@ -225,6 +226,11 @@ def broker_tls_options(url: str, settings: AgentSettings) -> dict[str, Any] | No
     return None
 
 
+# ADAPTIVE_BROKER_COMPRESSION -> kombu's compression name (zlib is registered
+# by kombu as `application/x-gzip`; the worker's door inflates it bounded).
+COMPRESSION: dict[str, str | None] = {"zlib": "zlib", "none": None}
+
+
 def common_conf(settings: AgentSettings, url: str) -> dict[str, Any]:
     """Celery configuration both the worker's and the publisher's app need."""
     return {
@@ -290,5 +296,10 @@ def publisher_app(settings: AgentSettings) -> Celery:
         # Nobody services heartbeats on a publish-only connection; an idle
         # one dropped by the server is revived by the publish retry.
         broker_heartbeat=0,
+        # A batch of one agent's runs repeats its prompts run after run: zlib
+        # makes the body ~14x smaller, and the worker's consumer process
+        # (which decodes, re-encodes and stores every byte of a message on
+        # the Redis transport) and Redis handle that much less.
+        task_compression=COMPRESSION.get(settings.broker_compression),
     )
     return app

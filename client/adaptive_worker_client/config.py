@@ -52,6 +52,7 @@ class AgentSettings(Protocol):
     tls_verify: bool
     tls_ca_file: Path | None
     broker_delivery_limit: int
+    broker_compression: Literal["zlib", "none"]
     client_buffer_max_runs: int
     client_buffer_max_bytes: int
     client_batch_max_runs: int
@@ -183,6 +184,13 @@ def _receipts(text: str) -> str:
     return value
 
 
+def _compression(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("zlib", "none"):
+        raise ValueError("must be zlib or none")
+    return value
+
+
 def _overflow(text: str) -> str:
     if text not in ("drop_oldest", "drop_newest"):
         raise ValueError("must be drop_oldest or drop_newest")
@@ -210,6 +218,7 @@ class ClientSettings:
     tls_verify: bool = True
     tls_ca_file: Path | None = None
     broker_delivery_limit: int = 20
+    broker_compression: Literal["zlib", "none"] = "zlib"
     client_buffer_max_runs: int = 10_000
     client_buffer_max_bytes: int = 64 * 1024 * 1024
     client_batch_max_runs: int = 500
@@ -254,6 +263,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_verify": _bool,
     "tls_ca_file": _ca_file,
     "broker_delivery_limit": _number(int, 1, 1_000_000),
+    "broker_compression": _compression,
     "client_buffer_max_runs": _POS_INT,
     "client_buffer_max_bytes": _POS_INT,
     "client_batch_max_runs": _POS_INT,
