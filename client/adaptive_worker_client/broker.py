@@ -297,7 +297,7 @@ def publisher_app(settings: AgentSettings) -> Celery:
         # one dropped by the server is revived by the publish retry.
         broker_heartbeat=0,
         # A batch of one agent's runs repeats its prompts run after run: zlib
-        # makes the body ~14x smaller, and the worker's consumer process
+        # makes the body ~24x smaller, and the worker's consumer process
         # (which decodes, re-encodes and stores every byte of a message on
         # the Redis transport) and Redis handle that much less.
         task_compression=COMPRESSION.get(settings.broker_compression),
