@@ -47,3 +47,12 @@ def violations(base: int = 100) -> dict[str, dict[str, Any] | str]:
         "number overflowing a double in text": json.dumps(good_run(base + 8))[:-1]
         + ', "extra": 1e999}',
     }
+
+
+def json_depth(value: Any) -> int:
+    """Reference nesting depth of a parsed JSON value (recursive: for test values)."""
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0

@@ -34,7 +34,7 @@ from adaptive_worker_client.errors import InvalidRecord
 from adaptive_worker_client.wire import RunRecord, parse_wire
 from tests.conftest import AMQP_URL, needs_rabbitmq
 from tests.goldens import load_capture
-from tests.hostile import nested, violations
+from tests.hostile import json_depth, nested, violations
 from tests.pipeline import message_body
 from tests.private_redis import PrivateRedis, private_redis
 from worker.celery import broker_key_prefix
@@ -646,14 +646,6 @@ def test_broker_keys_live_under_the_key_prefix(prefix: str, spool: Path) -> None
     assert broker_key_prefix(make_settings(prefix, spool)) == f"{prefix}adaptive_worker:celery:"
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
 @pytest.mark.parametrize("levels", [0, 3, 40])
 def test_a_dict_and_its_text_meet_the_same_nesting_limit(levels: int) -> None:
     """A dict's nesting is checked on the dict (cheaper), text's on the text:
@@ -663,7 +655,7 @@ def test_a_dict_and_its_text_meet_the_same_nesting_limit(levels: int) -> None:
     value = run(1)
     value["extra"] = nested(levels) if levels else None
     text, agent = encode(value)
-    depth = _depth(json.loads(text))
+    depth = json_depth(json.loads(text))
     for limit in (depth - 1, depth):
         verdicts = []
         for kwargs in ({"encoded_here": True, "value": value}, {"encoded_here": False}):

@@ -45,6 +45,7 @@ from bench.workload import synthetic_runs
 from storage.store import Store
 from tasks import jobs
 from tests.conftest import AMQP_URL, REDIS_URL, needs_rabbitmq
+from tests.hostile import json_depth
 from tests.pipeline import Worker, celery_workers, wait_until, worker_env
 from worker import guard
 from worker.celery import (
@@ -296,15 +297,6 @@ def test_every_task_declares_a_shape_matching_its_signature() -> None:
     assert jobs.IngestArgs is guard.ARG_SHAPES[INGEST_TASK]
 
 
-def _depth(value: Any) -> int:
-    """Reference nesting depth (recursive: fine for what hypothesis draws)."""
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab'),
     lambda inner: (
@@ -319,8 +311,8 @@ json_values = st.recursive(
 def test_text_depth_matches_the_parsed_depth(value: Any, limit: int) -> None:
     """Brackets and quotes inside strings never count; escaped quotes do not end a string."""
     raw = json.dumps(value).encode()
-    assert guard.text_too_deep(raw, limit) == (_depth(value) > limit)
-    assert (guard.value_depth(value, limit) > limit) == (_depth(value) > limit)
+    assert guard.text_too_deep(raw, limit) == (json_depth(value) > limit)
+    assert (guard.value_depth(value, limit) > limit) == (json_depth(value) > limit)
 
 
 def test_depth_checks_never_recurse() -> None:
