@@ -614,24 +614,32 @@ def learn_ingested(
         batch = batches.get(agent)
         while store.acquire_lease(agent, token, lease_ms):
             try:
+                caught_up = False
                 if batch is not None:
                     first, records = batch
                     batch = None
                     step = learn_stored(store, agent, first, records, config=config, clock=clock)
                     if step is not None and step.committed:
                         fast_runs += step.learned
-                # Whatever else is unlearned; with nothing left this is one
-                # read, the same round trip as asking the cursor first would be.
-                summary = catch_up(
-                    store, agent, max_runs=max_runs, config=config, deadline=deadline, clock=clock
-                )
+                        caught_up = step.caught_up
+                if not caught_up:
+                    # Whatever else is unlearned (runs stored after the batch's
+                    # read show in the look below, after the release).
+                    caught_up = catch_up(
+                        store,
+                        agent,
+                        max_runs=max_runs,
+                        config=config,
+                        deadline=deadline,
+                        clock=clock,
+                    ).caught_up
             finally:
                 store.release_lease(agent, token)
             # Runs left to us by ingests that found the lease taken show as
             # lag now; not caught up means the learn task as a backstop,
             # unless we get the lease back before the deadline.
-            learned[agent] = summary.caught_up and store.cursor(agent).lag == 0
-            if learned[agent] or not summary.caught_up or time.monotonic() >= deadline:
+            learned[agent] = caught_up and store.cursor(agent).lag == 0
+            if learned[agent] or not caught_up or time.monotonic() >= deadline:
                 break
     if fast_runs:
         store.incr_counter("fast_path_runs", fast_runs)

@@ -256,3 +256,26 @@ def test_runs_left_behind_a_rival_get_the_backstop(real_redis: redis.Redis, stor
     result = ingest(store, cap.runs[:2], MAX_BYTES)
     assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: False}
     assert plain.cursor(cap.agent_id).learned == 2 and plain.cursor(cap.agent_id).lag == 2
+
+
+class _CountingStore(Store):
+    """Counts the learn task's reads (`catch_up` -> `read_learn_batch`)."""
+
+    batch_reads = 0
+
+    def read_learn_batch(self, *args, **kwargs) -> LearnBatch:  # type: ignore[no-untyped-def,override]
+        self.batch_reads += 1
+        return super().read_learn_batch(*args, **kwargs)
+
+
+def test_an_ingest_that_is_next_reads_nothing_more(real_redis: redis.Redis, stores) -> None:  # type: ignore[no-untyped-def]
+    """The common case (its runs next, nothing else waiting) folds from memory
+    and looks at the lag once after letting go: no learn-task read."""
+    cap = load_capture("relay-openai")
+    plain = stores()
+    store = _CountingStore(real_redis, plain.keys.prefix)
+    result = ingest(store, cap.runs, MAX_BYTES)
+    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: True}
+    assert store.batch_reads == 0
+    assert plain.counters()["fast_path_runs"] == 4
+    assert_matches_capture(real_redis, plain.keys.prefix, cap)
