@@ -80,6 +80,13 @@ def use_kernel(kernel: ModuleType | None) -> None:
         _native._KERNEL = kernel
 
 
+def _install(built: Path, name: str) -> None:
+    """Replace this package's build(s) of `name` with `built`."""
+    for old in HERE.glob(f"{name}*.so"):
+        old.unlink()
+    shutil.copy2(built, HERE / built.name)
+
+
 def build_kernel() -> int:
     """Compile `_tdigest_kernel.c` into this package; 0 on success."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()
@@ -98,9 +105,7 @@ def build_kernel() -> int:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
             print("t-digest C kernel: build failed, using the loop:", *tail, sep="\n  ")
             return 1
-        for old in HERE.glob(f"{KERNEL_NAME}*.so"):
-            old.unlink()
-        shutil.copy2(target, HERE / target.name)
+        _install(target, KERNEL_NAME)
     print(f"t-digest C kernel: built {target.name}")
     return 0
 
@@ -125,9 +130,7 @@ def build_mypyc() -> int:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
             print("native t-digest: build failed, using pure Python:", *tail, sep="\n  ")
             return 1
-        for old in HERE.glob(f"{NATIVE_NAME}*.so"):
-            old.unlink()
-        shutil.copy2(built[0], HERE / built[0].name)
+        _install(built[0], NATIVE_NAME)
     print(f"native t-digest: built {built[0].name}")
     return 0
 

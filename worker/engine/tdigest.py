@@ -217,8 +217,17 @@ class TDigest:
             new_min = first
             new_max = last
 
-        # Interleave stored centroids and new values: a centroid goes first
-        # only when its mean is strictly below the next value.
+        self.means, self.weights, self.sum = self._insert_and_compress(values, count)
+        self._sorted = True
+        self.count = count
+        self.min = new_min
+        self.max = new_max
+
+    def _insert_and_compress(
+        self, values: Sequence[float], count: float
+    ) -> tuple[list[float], list[float], float]:
+        """Interleave stored centroids and new values (a centroid goes first only
+        when its mean is strictly below the next value), then compress."""
         means = self.means
         weights = self.weights
         if len(values) == 1:
@@ -228,13 +237,8 @@ class TDigest:
                 if done is not None:
                     out_m, out_w, total, in_order = done
                     if not in_order:
-                        out_m, out_w, total = _sorted_by_mean(out_m, out_w, total)
-                    self.means, self.weights, self.sum = out_m, out_w, total
-                    self._sorted = True
-                    self.count = count
-                    self.min = new_min
-                    self.max = new_max
-                    return
+                        return _sorted_by_mean(out_m, out_w, total)
+                    return out_m, out_w, total
             # Centroids taken before v: the leading run with mean < v.  On
             # sorted means (always, unless a stored value was not) that is
             # bisect_left, done in C.
@@ -262,12 +266,7 @@ class TDigest:
                     m_in.append(values[j])
                     w_in.append(1.0)
                     j += 1
-
-        self.means, self.weights, self.sum = _compress(m_in, w_in, count, self.max_size, 2)
-        self._sorted = True
-        self.count = count
-        self.min = new_min
-        self.max = new_max
+        return _compress(m_in, w_in, count, self.max_size, 2)
 
     @staticmethod
     def merge_digests(digests: Sequence[TDigest]) -> TDigest:
