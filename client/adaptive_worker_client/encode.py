@@ -109,28 +109,25 @@ def argsrepr(records: Sequence[Record]) -> str:
 def check(
     text: str,
     *,
-    encoded_here: bool,
     agent: str | None,
     max_bytes: int,
     max_depth: int,
-    value: Any = None,
+    encoded_from: Any = None,
 ) -> None:
     """The worker's own strict-JSON rule, so a run it would refuse is refused here.
 
-    Text we encoded ourselves has no NaN (the encoder refused it), so it
-    only needs the cheap checks; text from the caller is parsed strictly.
-    The nesting of text we encoded from `value` is the value's own: walking
-    the value (~35 us for a 7 KB run) costs a third of scanning its text,
-    which must first cut out every string.
+    Text we encoded ourselves (`encoded_from` is the dict it came from) has
+    no NaN (the encoder refused it), so it only needs the cheap checks, and
+    its nesting is the dict's own: walking the dict (~35 us for a 7 KB run)
+    costs a third of scanning the text, which must first cut out every
+    string. Text from the caller is parsed strictly.
     """
     try:
-        if encoded_here:
+        if encoded_from is not None:
             raw = strictjson.utf8(text)
             if len(raw) > max_bytes:
                 raise ValueError(f"larger than max_run_bytes ({max_bytes})")
-            if value is None:
-                strictjson.check_depth(raw, max_depth=max_depth)
-            elif strictjson.value_depth(value, max_depth) > max_depth:
+            if strictjson.value_depth(encoded_from, max_depth) > max_depth:
                 raise ValueError(f"JSON nested more than {max_depth} levels deep")
         else:
             strictjson.check_text(text, max_depth=max_depth, max_bytes=max_bytes)

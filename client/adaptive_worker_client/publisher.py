@@ -193,14 +193,12 @@ class RunClient:
         """Encode and size-check one run; None (counted) if refused, strict raises."""
         try:
             text, agent = encode(run)
-            encoded_here = type(run) is dict
             check(
                 text,
-                encoded_here=encoded_here,
                 agent=agent,
                 max_bytes=self._max_run_bytes,
                 max_depth=self._max_depth,
-                value=run if encoded_here else None,
+                encoded_from=run if type(run) is dict else None,
             )
             if self.strict:
                 self._validate(text)
