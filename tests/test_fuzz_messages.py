@@ -55,7 +55,7 @@ from kombu import Connection
 
 from storage.store import Store
 from tests.conftest import REDIS_URL
-from tests.hostile import good_run, nested, violations
+from tests.hostile import good_run, json_depth, nested, violations
 from tests.pipeline import Worker, celery_workers, wait_until, worker_env
 from worker.celery import (
     DISCOVER_TASK,
@@ -117,15 +117,6 @@ def deep_recursion() -> Iterator[None]:
         yield
     finally:
         sys.setrecursionlimit(old)
-
-
-def depth(value: Any) -> int:
-    """Reference nesting depth of a JSON value (containers count, a scalar is 0)."""
-    if isinstance(value, dict):
-        return 1 + max(map(depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(depth, value), default=0)
-    return 0
 
 
 def utf8_ok(data: bytes) -> bool:
@@ -681,7 +672,7 @@ def materialize(recipe: Recipe, oracle: Oracle) -> tuple[Sent, bytes, dict[str, 
             # limit (a run sent as text is measured as sent): not this case.
             form = "text" if item.form == "pretty" else item.form
             with deep_recursion():
-                levels = depth(run)
+                levels = json_depth(run)
                 payloads.append(encode_item(run, form))
             if levels > MAX_JSON_DEPTH:
                 sent.refused.append(f"run nested {levels} deep")
@@ -744,7 +735,7 @@ def materialize(recipe: Recipe, oracle: Oracle) -> tuple[Sent, bytes, dict[str, 
                 separators=(",", ":") if recipe.compact else None,
             )
             body = text.encode("utf-8", "surrogatepass")
-            body_depth = depth(triple)
+            body_depth = json_depth(triple)
         else:
             sent.verdict = POISON
             why.append(f"poison body {kind}")
