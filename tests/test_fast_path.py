@@ -174,73 +174,62 @@ def test_mixed_agents_each_learned_from_memory(stores) -> None:  # type: ignore[
     assert twin["parallel_hints"] == captured["parallel_hints"]
 
 
+def _another_ingest(store: Store, runs: list[str]) -> None:
+    """An ingest of the agent's next runs that finds the lease taken and leaves them."""
+    plain = Store(store.client, store.keys.prefix)
+    result = ingest(plain, runs, MAX_BYTES)
+    assert learn_ingested(plain, result, config=CONFIG, max_runs=500) == {}
+
+
 class _BusyStore(Store):
-    """A store on which another ingest stores the agent's next runs while the
-    fast path folds its own (that ingest found the lease taken)."""
+    """Another ingest stores the agent's next runs while the fast path folds
+    its own (right after the fast path's read)."""
 
     others: list[str]
 
     def read_state(self, agent_id: str, state_keys) -> LearnBatch:  # type: ignore[no-untyped-def,override]
         batch = super().read_state(agent_id, state_keys)
-        if self.others:
-            plain = Store(self.client, self.keys.prefix)
-            assert (
-                learn_ingested(
-                    plain, ingest(plain, self.others, MAX_BYTES), config=CONFIG, max_runs=500
-                )
-                == {}
-            )
-            self.others = []
+        late, self.others = self.others, []
+        if late:
+            _another_ingest(self, late)
         return batch
-
-
-def test_the_lease_holder_learns_what_arrived_meanwhile(real_redis: redis.Redis, stores) -> None:  # type: ignore[no-untyped-def]
-    """Runs 3-4 are stored while the fast path learns runs 1-2 and find the
-    lease taken; the holder learns them right after its own commit (not a
-    learn task half a second later): caught up, each run once, the capture."""
-    cap = load_capture("relay-openai")
-    plain = stores()
-    store = _BusyStore(real_redis, plain.keys.prefix)
-    store.others = cap.runs[2:]
-    result = ingest(store, cap.runs[:2], MAX_BYTES)
-    assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: True}
-    counters = plain.counters()
-    assert counters["runs_learned"] == 4 and counters["fast_path_runs"] == 2
-    assert counters["commits"] == 2
-    assert_matches_capture(real_redis, plain.keys.prefix, cap)
 
 
 class _LateStore(Store):
     """Another ingest stores the agent's next runs after the holder's last read
-    and before it lets go: it finds the lease taken and leaves them. With
-    `rival`, a third learner takes the lease the moment the holder lets go."""
+    and before it lets go. With `rival`, a third learner takes the lease the
+    moment the holder lets go."""
 
     others: list[str]
     rival = False
 
     def release_lease(self, agent_id: str, token: str) -> bool:
         late, self.others = self.others, []
-        plain = Store(self.client, self.keys.prefix)
         if late:
-            result = ingest(plain, late, MAX_BYTES)
-            assert learn_ingested(plain, result, config=CONFIG, max_runs=500) == {}
+            _another_ingest(self, late)
         released = super().release_lease(agent_id, token)
         if late and self.rival:
-            assert plain.acquire_lease(agent_id, "rival", 60_000)
+            assert Store(self.client, self.keys.prefix).acquire_lease(agent_id, "rival", 60_000)
         return released
 
 
-def test_runs_left_while_the_holder_lets_go_are_learned(real_redis: redis.Redis, stores) -> None:  # type: ignore[no-untyped-def]
-    """The holder looks at the lag after releasing and takes the lease back:
-    the late runs are learned by it, not left for a learn task."""
+@pytest.mark.parametrize("store_class", [_BusyStore, _LateStore])
+def test_the_lease_holder_learns_what_arrived_meanwhile(
+    real_redis: redis.Redis, stores, store_class: type[_BusyStore | _LateStore]
+) -> None:  # type: ignore[no-untyped-def]
+    """Runs 3-4 are stored while the fast path holds the lease for runs 1-2
+    (during its fold, or as it lets go) and find the lease taken; the holder
+    looks at the lag after releasing and learns them (not a learn task half a
+    second later): caught up, each run once, the capture."""
     cap = load_capture("relay-openai")
     plain = stores()
-    store = _LateStore(real_redis, plain.keys.prefix)
+    store = store_class(real_redis, plain.keys.prefix)
     store.others = cap.runs[2:]
     result = ingest(store, cap.runs[:2], MAX_BYTES)
     assert learn_ingested(store, result, config=CONFIG, max_runs=500) == {cap.agent_id: True}
     counters = plain.counters()
-    assert counters["runs_learned"] == 4 and counters["commits"] == 2
+    assert counters["runs_learned"] == 4 and counters["fast_path_runs"] == 2
+    assert counters["commits"] == 2
     assert plain.cursor(cap.agent_id).lag == 0
     assert_matches_capture(real_redis, plain.keys.prefix, cap)
 
