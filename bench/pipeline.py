@@ -16,7 +16,8 @@
    publishing agent's encoding is not timed, and it competes for no core).
 Each is measured with ingest's fast path off (the learn task learns every
 run: the baseline) and on, in the same run, next to the engine alone
-folding 100 runs at a time (`bench.learn.engine_throughput`).
+folding 100 runs at a time (`bench.learn.engine_baseline`: the better of
+Python's garbage collector as it comes and as the worker tunes it).
 The agent-side submit cost against a bare RPUSH is `python -m bench.submit`.
 
 Usage: python -m bench.pipeline [--runs N] [--redis-url URL] [--modes off,on]
@@ -37,7 +38,7 @@ from typing import Any
 import redis
 
 from adaptive_worker_client import RunClient
-from bench.learn import engine_throughput
+from bench.learn import engine_baseline
 from bench.workload import synthetic_runs
 from storage.store import Store
 from tests.pipeline import caught_up, celery_workers, wait_until, worker_env
@@ -191,8 +192,12 @@ def main() -> None:
     modes = [m.strip() == "on" for m in args.modes.split(",")]
     # The best of three: one short run moves by tens of percent on a shared
     # machine, and the best is the conservative baseline for the ratios.
-    engine = max(engine_throughput(2000, 100) for _ in range(3))
-    print(f"engine only, 100 runs per fold (best of 3): {engine:.0f} runs/s")
+    baseline = engine_baseline()
+    engine = baseline["best"]
+    print(
+        f"engine only, 100 runs per fold (best of 3): {engine:.0f} runs/s (Python's gc"
+        f" {baseline['default gc']:.0f}, the worker's {baseline['worker gc']:.0f})"
+    )
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         print(

@@ -18,7 +18,12 @@ socket), other (the rest of ingest and learn). What Celery adds on top
 `bench.pipeline` measures the whole worker's CPU per run, and the
 difference is Celery's share.
 
-Usage: python -m bench.profile [--runs N] [--redis-url URL]
+The process's garbage collector is tuned as a worker tunes it
+(worker/gc_tuning.py) unless `--python-gc` leaves it as Python configured it:
+with the default, collections walking the whole heap during the parse cost
+about as much as the parse itself.
+
+Usage: python -m bench.profile [--runs N] [--redis-url URL] [--python-gc]
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import argparse
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from typing import Any
 
 import orjson
 import redis
 
+from bench.learn import worker_gc
 from bench.workload import synthetic_runs
 from storage.store import Store
 from tasks import learning
@@ -104,12 +110,20 @@ def main() -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument(
+        "--python-gc", action="store_true", help="leave the collector as Python configured it"
+    )
     args = ap.parse_args()
-    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    with nullcontext() if args.python_gc else worker_gc():
+        profile(args.redis_url, args.runs, args.batch)
+
+
+def profile(redis_url: str, runs: int, batch: int) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     config = EngineConfig()
     messages = [
-        [orjson.dumps(r).decode() for r in synthetic_runs(args.batch, seed=s, agent_id="prof")]
-        for s in range(args.runs // args.batch)
+        [orjson.dumps(r).decode() for r in synthetic_runs(batch, seed=s, agent_id="prof")]
+        for s in range(runs // batch)
     ]
     results = {}
     for mode in ("before", "after"):
@@ -126,11 +140,11 @@ def main() -> None:
                 total = time.process_time() - start
             totals["other"] += total - sum(totals.values())
             results[mode] = (dict(totals), total)
-            assert store.counters()["runs_learned"] == args.runs
+            assert store.counters()["runs_learned"] == runs
         finally:
             store.delete_prefix()
-    n = args.runs
-    print(f"CPU per learned run, ms ({n} runs in messages of {args.batch}, one agent)")
+    n = runs
+    print(f"CPU per learned run, ms ({n} runs in messages of {batch}, one agent)")
     print("| path | " + " | ".join(PHASES) + " | total |")
     print("|---" * (len(PHASES) + 2) + "|")
     for mode, (split, total) in results.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -81,8 +82,7 @@ def test_exactly_once_under_concurrency_and_duplicates(
 
     env = worker_env(prefix, REDIS_URL, learn_batch_size=200)
     with celery_workers(env, tmp_path) as workers:
-        workers.start("w1", concurrency=2)
-        workers.start("w2", concurrency=2)
+        started = [workers.start(name, concurrency=2) for name in ("w1", "w2")]
         client = _client(prefix, tmp_path)
         chunks = [payloads[i::4] for i in range(4)]
         threads = [
@@ -96,6 +96,8 @@ def test_exactly_once_under_concurrency_and_duplicates(
         client.close(5)
         wait_until(lambda: caught_up(real_store, agents, expected), 300, "learning to catch up")
 
+    for w in started:  # the main process and both pool children (worker/gc_tuning.py)
+        assert len(set(re.findall(rb"gc tuned in process (\d+)", w.log.read_bytes()))) == 3
     for agent in agents:
         index = real_store.run_ids(agent)
         assert len(index) == len(set(index)) == expected[agent]

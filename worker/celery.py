@@ -203,6 +203,11 @@ from worker.metrics import install  # noqa: E402 - needs the configured app
 
 install(app)
 
+# Each worker process tunes its garbage collector once it has started (worker/gc_tuning.py).
+from worker.gc_tuning import install as install_gc_tuning  # noqa: E402
+
+install_gc_tuning(get_settings())
+
 
 @celeryd_after_setup.connect(weak=False)
 def _warn_relay_agents(**_: Any) -> None:

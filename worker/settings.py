@@ -192,6 +192,13 @@ class Settings(BaseSettings):
         default=10.0,
         description="On shutdown, running tasks get this long before they are requeued.",
     )
+    worker_gc_threshold: NonNegativeInt = Field(
+        default=20_000,
+        description=(
+            "Workers: allocations between young-generation garbage collections, with the"
+            " start-up heap frozen out of them (0: Python's collector left as it is)."
+        ),
+    )
 
     # ---- monitoring (worker/metrics.py)
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(

@@ -1,0 +1,58 @@
+"""The worker's garbage-collector tuning (worker/gc_tuning.py).
+
+Real `celery worker` processes are checked in tests/test_pipeline.py (each
+process logs its tuning); here, what `tune` does to the collector.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from worker.gc_tuning import tune
+
+
+@pytest.fixture(autouse=True)
+def restore_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_tune_freezes_the_heap_and_raises_the_young_threshold() -> None:
+    _, older, oldest = gc.get_threshold()
+    before = gc.get_freeze_count()
+    alive = [[i] for i in range(5000)]  # containers the collector tracks
+    assert tune(12_345)
+    assert gc.get_threshold() == (12_345, older, oldest)
+    assert gc.get_freeze_count() >= before + len(alive)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the collector frees it
+
+
+def test_tune_frees_start_up_garbage_instead_of_freezing_it() -> None:
+    gc.disable()  # no collection may happen before tune's own
+    try:
+        garbage = _Node()
+        ref = weakref.ref(garbage)
+        del garbage
+        assert ref() is not None
+        assert tune(5_000)
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_zero_leaves_the_collector_alone() -> None:
+    before = gc.get_threshold()
+    assert not tune(0)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
