@@ -203,6 +203,12 @@ from worker.metrics import install  # noqa: E402 - needs the configured app
 
 install(app)
 
+# Task bodies decode as plain JSON with orjson, here and in the pool processes
+# forked from here (worker/body_json.py).
+from worker.body_json import install as install_body_json  # noqa: E402
+
+install_body_json()
+
 # Each worker process tunes its garbage collector once it has started (worker/gc_tuning.py).
 from worker.gc_tuning import install as install_gc_tuning  # noqa: E402
 

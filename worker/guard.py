@@ -22,8 +22,9 @@ recursive before the nesting is known to be bounded:
    body compressed with zlib (what agents send) is inflated first, and only
    up to ADAPTIVE_MAX_MESSAGE_BYTES (`inflate`); any other compression is
    refused still compressed;
-4. kombu decodes it exactly as Celery will (a body too deep for the
-   decoder is refused by its RecursionError), and an iterative walk bounds
+4. kombu decodes it exactly as Celery will (with the plain-JSON decoder of
+   `worker/body_json.py`; a body too deep for the decoder is refused by its
+   RecursionError), and an iterative walk bounds
    its nesting by `MAX_MESSAGE_DEPTH` before anything recursive (pickling
    for the prefork pool, repr, logging) sees it;
 5. it is `[list, dict, dict]` with no callbacks, errbacks, chain or chord;
