@@ -148,13 +148,14 @@ def wait_until(
     timeout: float,
     what: str,
     state: Callable[[], str] = lambda: "",
+    poll: float = 0.2,
 ) -> float:
     """Poll until `predicate()`; returns the seconds it took. `state` explains a timeout."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{state()}")
-        time.sleep(0.2)
+        time.sleep(poll)
     return time.monotonic() - start
 
 
