@@ -27,7 +27,7 @@ from storage.store import Cursor, Store, dumps, loads_or_none
 from storage.strictjson import DEFAULT_MAX_DEPTH
 from storage.timestamps import format_ns, parse_ns
 from worker.engine.fold import AgentState, Changes, EngineConfig, fold, required_windows
-from worker.engine.records import Call, Run
+from worker.engine.records import Call, Run, RunLike
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -458,7 +458,7 @@ def _fold_and_commit(
     agent: str,
     cursor: Cursor,
     consumed: int,
-    runs: list[Run],
+    runs: Sequence[RunLike],
     dead: list[str],
     raw_state: Mapping[str, str | None],
     learning_keys: Sequence[str],
@@ -543,7 +543,9 @@ def learn_stored(
     unlearned, or already learned past them): nothing was written.
     """
     k = store.keys
-    runs = [engine_run(record) for record in records]
+    # The validated records themselves: they have the fields the engine
+    # reads (`RunLike`), so no copy into its `Run` (~10 us per run).
+    runs = list(records)
     learning_keys = required_windows(agent, runs)
     # One round trip: cursor, accumulators, plan and the windows these runs need.
     batch = store.read_state(
