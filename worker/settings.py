@@ -193,10 +193,11 @@ class Settings(BaseSettings):
         description="On shutdown, running tasks get this long before they are requeued.",
     )
     worker_gc_threshold: NonNegativeInt = Field(
-        default=20_000,
+        default=500_000,
         description=(
-            "Workers: allocations between young-generation garbage collections, with the"
-            " start-up heap frozen out of them (0: Python's collector left as it is)."
+            "Workers: growth in live containers between young-generation garbage"
+            " collections, with the start-up heap frozen out of them (0: Python's"
+            " collector left as it is)."
         ),
     )
 
