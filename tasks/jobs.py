@@ -32,6 +32,7 @@ from worker.celery import (
     app,
 )
 from worker.guard import NoArgs, TaskArgs, declare
+from worker.request import DecodedRequest
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, N
 
 
 def task(name: str, shape: type[TaskArgs] = NoArgs, **options: Any) -> Callable[..., Any]:
-    """`app.task` with our common policy: explicit name, no result, and
+    """`app.task` with our common policy: explicit name, no result,
     connection trouble retried with backoff (anything else is dead-lettered
-    by the functions the tasks call, not raised).
+    by the functions the tasks call, not raised), and the body decoded once.
 
     `shape` is what the worker's door (worker/guard.py) checks a message's
     arguments against before Celery sees it: a message whose arguments do
@@ -64,6 +65,8 @@ def task(name: str, shape: type[TaskArgs] = NoArgs, **options: Any) -> Callable[
         autoretry_for=RETRY_ON,
         retry_backoff=True,
         ignore_result=True,
+        # The pool process gets the body the guard decoded (worker/request.py).
+        Request=DecodedRequest,
         **options,
     )
 
