@@ -170,7 +170,7 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 # ------------------------------------------------------- annotated LLM requests
 # Validation-only mirror of `nemo_relay::codec::request::AnnotatedLlmRequest`.
 # The call record keeps the request as the plain dict it was given (the ACG
-# learner hashes it exactly as stored); these models only decide whether the
+# learner hashes it exactly as stored); these types only decide whether the
 # runtime itself could have parsed it, and say where it could not.
 
 
