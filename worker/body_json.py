@@ -1,11 +1,10 @@
 """Task message bodies decoded as plain JSON, by orjson.
 
-Why: a worker decodes every ingest body twice, once in the consumer (the
-guard's checks, `worker/guard.py`) and once more in the pool process that
-runs the task (Celery hands the pool the raw body). kombu's decoder is
-Python's `json` with an object hook, ~1.8 ms per 100 capture-shaped runs;
-orjson takes ~0.4 ms, and the consumer's share is time the pool process
-waits for its next message.
+Why: the worker's consumer decodes every body once (the guard's checks,
+`worker/guard.py`), the pool process runs the task on that value
+(`worker/request.py`), and it waits for its next message while the
+consumer decodes. kombu's decoder is Python's `json` with an object hook,
+~1.8 ms per 100 capture-shaped runs; orjson takes ~0.4 ms.
 
 Plain JSON: kombu's hook turns any object shaped `{"__type__": ..,
 "__value__": ..}` into a datetime, UUID, Decimal or bytes, so a run whose

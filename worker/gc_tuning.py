@@ -40,8 +40,8 @@ _installed = False
 
 
 def tune(threshold: int) -> bool:
-    """Freeze what is alive now and collect young objects every `threshold`
-    allocations; False (and nothing changed) when `threshold` is 0."""
+    """Freeze what is alive now and collect young objects only once `threshold`
+    more containers are alive; False (and nothing changed) when `threshold` is 0."""
     if threshold <= 0:
         return False
     _, older, oldest = gc.get_threshold()
@@ -62,7 +62,7 @@ def install(settings: Settings) -> None:
         if tune(settings.worker_gc_threshold):
             log.info(
                 "gc tuned in process %d: %d start-up objects frozen, young collections"
-                " every %d allocations",
+                " once %d more containers are alive",
                 os.getpid(),
                 gc.get_freeze_count(),
                 settings.worker_gc_threshold,
