@@ -226,11 +226,15 @@ class _ToolResultPart(TypedDict):
 
 
 @with_config(_LENIENT)
-class _ProviderNativePart(TypedDict):
-    type: Literal["provider_native"]
+class _ProviderNative(TypedDict):
     provider: str
     kind: str
     value: Any
+
+
+@with_config(_LENIENT)
+class _ProviderNativePart(_ProviderNative):
+    type: Literal["provider_native"]
 
 
 _Part = Annotated[
@@ -304,11 +308,8 @@ class _ToolResultItem(TypedDict):
 
 
 @with_config(_LENIENT)
-class _ProviderNativeMessage(TypedDict):
+class _ProviderNativeMessage(_ProviderNative):
     role: Literal["provider_native"]
-    provider: str
-    kind: str
-    value: Any
 
 
 _Message = Annotated[
