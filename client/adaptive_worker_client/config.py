@@ -177,18 +177,16 @@ def _ca_file(text: str) -> Path | None:
     return path
 
 
-def _receipts(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("auto", "on", "off"):
-        raise ValueError("must be auto, on or off")
-    return value
+def _choice(*options: str) -> Callable[[str], str]:
+    """A parser of one of `options`, case and surrounding spaces ignored."""
 
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be {', '.join(options[:-1])} or {options[-1]}")
+        return value
 
-def _compression(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("zlib", "none"):
-        raise ValueError("must be zlib or none")
-    return value
+    return parse
 
 
 def _overflow(text: str) -> str:
@@ -263,7 +261,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_verify": _bool,
     "tls_ca_file": _ca_file,
     "broker_delivery_limit": _number(int, 1, 1_000_000),
-    "broker_compression": _compression,
+    "broker_compression": _choice("zlib", "none"),
     "client_buffer_max_runs": _POS_INT,
     "client_buffer_max_bytes": _POS_INT,
     "client_batch_max_runs": _POS_INT,
@@ -279,7 +277,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "client_exit_timeout_s": _NONNEG_FLOAT,
     "client_state_ttl_s": _NONNEG_FLOAT,
     "client_state_timeout_s": _POS_FLOAT,
-    "client_receipts": _receipts,
+    "client_receipts": _choice("auto", "on", "off"),
     "client_receipt_timeout_s": _POS_FLOAT,
     "client_receipt_max_republish": _number(int, 0),
     "client_receipt_max_bytes": _POS_INT,
