@@ -60,7 +60,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from queue import Empty
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import kombu.compression
 import redis
@@ -77,6 +77,7 @@ from storage.store import Store
 from storage.strictjson import text_too_deep, value_depth
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=BaseException)
 
 STAGE = "message"
 JSON = "application/json"
@@ -323,15 +324,15 @@ def check_body(message: Message, *, max_bytes: int) -> bytes:
         raise Poison(f"content encoding {_short(encoding)} refused (only utf-8)")
     # UTF-8 validity is checked by the decode that follows (orjson checks it
     # as it parses; a second pass here cost ~2.7 ms per 5 MB body while the
-    # pool process waited): see `_not_utf8`.
+    # pool process waited): see `check_message`.
     return body
 
 
-def _not_utf8(exc: BaseException | None) -> UnicodeDecodeError | None:
-    """The UnicodeDecodeError behind a decoder failure, if that is what it was
+def _cause(exc: BaseException | None, kind: type[E]) -> E | None:
+    """The `kind` error behind a decoder failure, if that is what it was
     (kombu's DecodeError wraps the decoder's own: a short chain, walked boundedly)."""
     for _ in range(8):
-        if exc is None or isinstance(exc, UnicodeDecodeError):
+        if exc is None or isinstance(exc, kind):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -377,9 +378,9 @@ def check_message(message: Message, *, max_bytes: int, max_depth: int) -> str:
         payload = message.decode()
     except Exception as exc:  # any decoder failure is the message's fault
         # kombu wraps the decoder's exceptions in its DecodeError.
-        if isinstance(exc, RecursionError) or isinstance(exc.__context__, RecursionError):
+        if _cause(exc, RecursionError) is not None:
             raise Poison(too_deep) from None
-        bad_utf8 = _not_utf8(exc)
+        bad_utf8 = _cause(exc, UnicodeDecodeError)
         if bad_utf8 is not None:
             raise Poison(f"body is not valid UTF-8 (byte {bad_utf8.start})") from None
         raise Poison(f"body does not decode: {_one_line(exc)}") from None
