@@ -54,7 +54,7 @@ import redis
 from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
 from storage.store import Store
-from tests.pipeline import celery_workers, worker_env
+from tests.pipeline import caught_up, celery_workers, wait_until, worker_env
 from worker.celery import DISCOVER_TASK, create_app
 from worker.settings import load_settings
 
@@ -128,11 +128,8 @@ def warm_up(url: str, prefix: str, spool: Path) -> None:
     finally:
         client.close(5)
     store = Store(redis.Redis.from_url(url, decode_responses=True), prefix)
-    deadline = time.perf_counter() + 120
-    while store.cursor(WARM_UP_AGENT).learned < WARM_UP_RUNS:
-        if time.perf_counter() > deadline:
-            raise TimeoutError("warm-up runs not learned")
-        time.sleep(0.05)
+    warm = {WARM_UP_AGENT: WARM_UP_RUNS}
+    wait_until(lambda: caught_up(store, list(warm), warm), 120, "warm-up runs", poll=0.05)
 
 
 def per_run_ms(values: list[float]) -> tuple[float, float]:
