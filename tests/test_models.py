@@ -166,7 +166,21 @@ def test_timestamp_parsing_agrees_with_datetime(moment, digits, offset_min: int)
 
 
 @pytest.mark.parametrize(
-    "stamp", ["2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z"]
+    "stamp",
+    [
+        "2026-02-29T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-01-01T24:00:00Z",
+        "2026-01-01T00:60:00Z",
+        "2026-01-01T00:00:60Z",
+        "0000-01-01T00:00:00Z",
+        "2026-01-01T00:00:00.1234567890Z",  # ten digits: serde keeps at most nine
+        # serde's RFC 3339 parser, which reads our stored runs back, takes
+        # neither of these; Python's `\d` and `$` used to let them through.
+        "\uff12\uff10\uff12\uff16-01-01T00:00:00Z",  # fullwidth digits
+        "2026-01-01T00:00:00.\u0663Z",  # an Arabic-Indic digit
+        "2026-01-01T00:00:00Z\n",
+    ],
 )
 def test_impossible_dates_are_rejected(stamp: str) -> None:
     from storage.timestamps import parse_ns
