@@ -62,6 +62,35 @@ def test_duplicates_inside_one_batch_store_once(store: Store) -> None:
     assert store.run_ids("agent-a") == [a.id, b.id]
 
 
+def test_a_batch_of_two_agents_indexes_each_in_batch_order(store: Store) -> None:
+    """The script indexes per agent at the end of the batch (in chunks of 500):
+    each new run's position is still its absolute offset (base + place in the
+    list) in batch order, past a chunk and after a trimmed past (base > 0); a
+    run retention dropped (tombstoned) is neither stored nor indexed again."""
+    k = store.keys
+    store.client.hset(k.cursor("agent-b"), "base", 40)
+    dropped = make_run("agent-b")
+    store.client.zadd(k.tombstones("agent-b"), {dropped.id: 1.0})
+    first = make_run("agent-a")
+    assert store.store_runs([first]) == [True]
+    runs = [make_run("agent-a") for _ in range(620)] + [make_run("agent-b") for _ in range(530)]
+    random.Random(5).shuffle(runs)
+    outcomes = store.store_runs_detailed([*runs, dropped, runs[3]])
+    assert [o.new for o in outcomes] == [True] * len(runs) + [False, False]
+    assert [o.position for o in outcomes[-2:]] == [None, None]
+    indexed: dict[str, list[str]] = {"agent-a": [first.id], "agent-b": []}
+    base = {"agent-a": 0, "agent-b": 40}
+    for run, outcome in zip(runs, outcomes, strict=False):
+        indexed[run.agent_id].append(run.id)
+        assert outcome.position == base[run.agent_id] + len(indexed[run.agent_id]) - 1
+    assert store.run_ids("agent-a") == indexed["agent-a"]
+    assert store.run_ids("agent-b") == indexed["agent-b"]
+    assert store.client.exists(k.run("agent-b", dropped.id)) == 0
+    assert store.client.zcard(k.stored_at("agent-a")) == 621
+    assert store.client.zcard(k.stored_at("agent-b")) == 530
+    assert store.client.smembers(k.agents()) == {"agent-a", "agent-b"}
+
+
 def test_read_runs_in_index_order_in_one_round_trip(store: Store) -> None:
     runs = [make_run() for _ in range(7)]
     store.store_runs(runs)

@@ -18,27 +18,65 @@
 -- The stored-at time is the server's clock, not the run's own timestamps:
 -- age retention must not trust a client's clock (a run dated 2099 would pin
 -- the agent's history forever).
+-- Per run only SET NX (and ZSCORE when the agent has tombstones at all);
+-- the index, stored-at, cursor and agents commands are one per agent for
+-- the whole batch: a redis.call from Lua costs ~3 us whatever it does, and
+-- with six per run a 500-run batch held the server (and the waiting
+-- worker) for 11 ms, of which its commands took 1.3.
 local n = (#KEYS - 1) / 5
 local agents = KEYS[#KEYS]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out = {}
 local positions = {}
+local has_tombstones = {}
+local groups = {} -- runs_index key -> the agent's new runs, in batch order
+local order = {}
 for i = 1, n do
-  local run_key, run_id = KEYS[5 * i - 4], ARGV[2 * i]
+  local run_key, run_id, tombstones = KEYS[5 * i - 4], ARGV[2 * i], KEYS[5 * i - 2]
   positions[i] = -1
-  if redis.call('ZSCORE', KEYS[5 * i - 2], run_id) then
+  if has_tombstones[tombstones] == nil then
+    has_tombstones[tombstones] = redis.call('EXISTS', tombstones) == 1
+  end
+  if has_tombstones[tombstones] and redis.call('ZSCORE', tombstones, run_id) then
     out[i] = 0
   elseif redis.call('SET', run_key, ARGV[2 * i - 1], 'NX') then
-    local len = redis.call('RPUSH', KEYS[5 * i - 3], run_id)
-    local base = tonumber(redis.call('HGET', KEYS[5 * i], 'base') or '0')
-    positions[i] = base + len - 1
-    redis.call('ZADD', KEYS[5 * i - 1], now, run_id)
-    redis.call('SADD', agents, ARGV[2 * n + i])
+    local index = KEYS[5 * i - 3]
+    local group = groups[index]
+    if group == nil then
+      group = {ids = {}, runs = {}, i = i}
+      groups[index] = group
+      order[#order + 1] = index
+    end
+    group.ids[#group.ids + 1] = run_id
+    group.runs[#group.runs + 1] = i
     out[i] = 1
   else
     local stored = redis.call('GET', run_key)
     if stored == ARGV[2 * i - 1] then out[i] = 0 else out[i] = stored end
   end
+end
+-- unpack() puts every argument on Lua's C stack (8000 slots): chunks of 500.
+local CHUNK = 500
+for _, index in ipairs(order) do
+  local group = groups[index]
+  local ids, first = group.ids, group.i
+  local len = 0
+  local stamped = {}
+  for j = 1, #ids, CHUNK do
+    local last = math.min(j + CHUNK - 1, #ids)
+    len = redis.call('RPUSH', index, unpack(ids, j, last))
+    for k = j, last do
+      stamped[2 * (k - j) + 1] = now
+      stamped[2 * (k - j) + 2] = ids[k]
+    end
+    redis.call('ZADD', KEYS[5 * first - 1], unpack(stamped, 1, 2 * (last - j + 1)))
+  end
+  local base = tonumber(redis.call('HGET', KEYS[5 * first], 'base') or '0')
+  local start = base + len - #ids -- the absolute offset of this batch's first new run
+  for k, i in ipairs(group.runs) do
+    positions[i] = start + k - 1
+  end
+  redis.call('SADD', agents, ARGV[2 * n + first])
 end
 return {out, positions}
