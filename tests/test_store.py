@@ -91,6 +91,20 @@ def test_a_batch_of_two_agents_indexes_each_in_batch_order(store: Store) -> None
     assert store.client.smembers(k.agents()) == {"agent-a", "agent-b"}
 
 
+def test_a_run_id_stored_with_other_bytes_is_reported_with_them(store: Store) -> None:
+    """The first bytes stay (runs are immutable) and are what the caller gets to
+    compare: equal ones are a plain duplicate, other ones a conflict."""
+    first = make_run()
+    other = first.model_copy(update={"ended_at": "2026-01-01T00:00:09Z"})
+    assert store.store_runs([first]) == [True]
+    outcomes = store.store_runs_detailed([other, first])
+    assert [(o.new, o.position) for o in outcomes] == [(False, None), (False, None)]
+    assert outcomes[0].conflict == first.to_json()
+    assert outcomes[1].conflict is None
+    assert store.get_run(first.agent_id, first.id) == first
+    assert store.run_ids(first.agent_id) == [first.id]
+
+
 def test_read_runs_in_index_order_in_one_round_trip(store: Store) -> None:
     runs = [make_run() for _ in range(7)]
     store.store_runs(runs)

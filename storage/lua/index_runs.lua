@@ -1,28 +1,32 @@
--- Store run records idempotently, each with its index entry, atomically.
+-- Index a batch of runs whose run keys the same MULTI/EXEC writes right after
+-- this script (SET NX each, `Store.store_runs_detailed`); run bodies never
+-- pass through Lua: turning ARGV into Lua strings costs the server ~1.1 ms
+-- per MB, so a 500-run batch held it (and the waiting worker) for 5 ms
+-- before a single command ran.
 -- KEYS: for each run i: KEYS[5i-4] = run key, KEYS[5i-3] = runs_index key,
 --       KEYS[5i-2] = the agent's tombstone zset (ids retention trimmed),
 --       KEYS[5i-1] = the agent's stored-at zset (run id -> server time stored),
 --       KEYS[5i] = the agent's cursor hash (for `base`);
 --       last KEYS entry = the set of known agents.
--- ARGV: for each run i: ARGV[2i-1] = run JSON, ARGV[2i] = run id;
---       then one agent id per run (ARGV[2n + i]).
+-- ARGV: for each run i: ARGV[i] = run id; then one agent id per run (ARGV[n + i]).
 -- Returns {outcomes, positions}, one entry per run in each:
---   outcome 1 stored now; 0 already present with the same bytes (or trimmed);
---   otherwise the stored JSON, which differs from this one (the caller
---   decides whether that is a conflicting duplicate);
---   position: the absolute index offset (base + list position) a stored-now
---   run got, -1 for the others. Ingest's fast path learns a run from memory
+--   outcome 1: new (its key does not exist yet, and it is its first time in
+--   the batch): indexed now, and the SET NX that follows stores it;
+--   0: retention dropped it (tombstoned): not indexed, and the tombstone
+--   script that ends the transaction deletes the key the SET creates;
+--   -1: stored already (or earlier in this batch): the caller compares the
+--   stored bytes with its own (a duplicate, or a conflicting one).
+--   position: the absolute index offset (base + list position) a new run
+--   got, -1 for the others. Ingest's fast path learns a run from memory
 --   only when the learned offset stands right before these positions.
--- SET NX decides; the RPUSH happens in the same script, so no client ever
--- sees an index entry without its run key, and a retried store adds nothing.
+-- Atomicity comes from MULTI/EXEC: no client ever sees an index entry
+-- without its run key, and a retried store finds every key and adds nothing.
 -- The stored-at time is the server's clock, not the run's own timestamps:
 -- age retention must not trust a client's clock (a run dated 2099 would pin
 -- the agent's history forever).
--- Per run only SET NX (and ZSCORE when the agent has tombstones at all);
--- the index, stored-at, cursor and agents commands are one per agent for
--- the whole batch: a redis.call from Lua costs ~3 us whatever it does, and
--- with six per run a 500-run batch held the server (and the waiting
--- worker) for 11 ms, of which its commands took 1.3.
+-- Per run one EXISTS (and a ZSCORE when the agent has tombstones at all);
+-- the index, stored-at, cursor and agents commands are one per agent: a
+-- redis.call costs ~3 us whatever it does.
 local n = (#KEYS - 1) / 5
 local agents = KEYS[#KEYS]
 local t = redis.call('TIME')
@@ -30,17 +34,21 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out = {}
 local positions = {}
 local has_tombstones = {}
+local seen = {}
 local groups = {} -- runs_index key -> the agent's new runs, in batch order
 local order = {}
 for i = 1, n do
-  local run_key, run_id, tombstones = KEYS[5 * i - 4], ARGV[2 * i], KEYS[5 * i - 2]
+  local run_key, run_id, tombstones = KEYS[5 * i - 4], ARGV[i], KEYS[5 * i - 2]
   positions[i] = -1
   if has_tombstones[tombstones] == nil then
     has_tombstones[tombstones] = redis.call('EXISTS', tombstones) == 1
   end
   if has_tombstones[tombstones] and redis.call('ZSCORE', tombstones, run_id) then
     out[i] = 0
-  elseif redis.call('SET', run_key, ARGV[2 * i - 1], 'NX') then
+  elseif seen[run_key] or redis.call('EXISTS', run_key) == 1 then
+    out[i] = -1
+  else
+    seen[run_key] = true
     local index = KEYS[5 * i - 3]
     local group = groups[index]
     if group == nil then
@@ -51,9 +59,6 @@ for i = 1, n do
     group.ids[#group.ids + 1] = run_id
     group.runs[#group.runs + 1] = i
     out[i] = 1
-  else
-    local stored = redis.call('GET', run_key)
-    if stored == ARGV[2 * i - 1] then out[i] = 0 else out[i] = stored end
   end
 end
 -- unpack() puts every argument on Lua's C stack (8000 slots): chunks of 500.
@@ -77,6 +82,6 @@ for _, index in ipairs(order) do
   for k, i in ipairs(group.runs) do
     positions[i] = start + k - 1
   end
-  redis.call('SADD', agents, ARGV[2 * n + first])
+  redis.call('SADD', agents, ARGV[n + first])
 end
 return {out, positions}
