@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from adaptive_worker_client import RunClient
 from bench.workload import synthetic_runs
+from storage.models import RunRecord, parse_wire
 from storage.store import Store
 from tests.conftest import REDIS_URL, needs_rabbitmq, vhost_url
 from tests.pipeline import caught_up, celery_workers, dump_state, wait_until, worker_env
@@ -117,6 +118,41 @@ def test_exactly_once_under_concurrency_and_duplicates(
         assert dump_state(real_redis, prefix) == dump_state(real_redis, replay_prefix)
     finally:
         Store(real_redis, replay_prefix).delete_prefix()
+
+
+def test_nothing_is_reserved_behind_a_long_learn(real_store: Store, tmp_path: Path) -> None:
+    """A worker reserves the next ingest message while one runs (prefetch 2),
+    but never behind a long task: while its only pool process learns a
+    10,000-run backlog, an ingest message published meanwhile stays in the
+    broker's queue, where an idle worker could take it (worker/prefetch.py)."""
+    prefix = real_store.keys.prefix
+    queue = f"{prefix}adaptive_worker:celery:adaptive.ingest"
+    backlog = [
+        parse_wire(RunRecord, run) for run in synthetic_runs(10_000, agent_id="backlog", seed=31)
+    ]
+    real_store.store_runs(backlog[:-1])  # stored, never learned: one long learn ahead
+    client = _client(prefix, tmp_path)
+    env = worker_env(prefix, REDIS_URL, ingest_fast_path=False)
+    try:
+        with celery_workers(env, tmp_path) as workers:
+            workers.start("w", concurrency=1)
+            client.submit_run(backlog[-1].to_json())  # its ingest schedules the learn
+            assert client.flush(30)
+            wait_until(
+                lambda: 0 < real_store.cursor("backlog").learned < 4000,
+                60,
+                "learn under way",
+                poll=0.01,
+            )
+            client.submit_runs(list(synthetic_runs(5, agent_id="late", seed=32)))
+            assert client.flush(10)
+            time.sleep(0.5)
+            assert real_store.cursor("backlog").learned < 10_000  # the learn still runs
+            assert real_store.client.llen(queue) == 1  # and the message waits for anyone
+            expected = {"backlog": 10_000, "late": 5}
+            wait_until(lambda: caught_up(real_store, list(expected), expected), 120, "learned")
+    finally:
+        client.close(5)
 
 
 def test_kill_9_mid_learn_loses_and_doubles_nothing(

@@ -9,7 +9,10 @@ choices follow from how delivery really behaves (see NOTES-celery.md):
   On RabbitMQ the queues are quorum queues with a delivery limit, so a
   message that kills its worker every time ends in our dead letters
   (`worker/delivery_limit.py`) instead of looping.
-- prefetch 1: a long learn does not hold other messages hostage.
+- prefetch 2, for ingest only: the next message is fetched and decoded while
+  a task runs; a learn or maintenance task holds its share of the window
+  down while it is in the pool, so nothing waits behind a long task
+  (`worker/prefetch.py`).
 - Redis redelivers anything unacked for longer than the visibility timeout,
   even while it still runs, so the hard time limit is at most half of it.
 - JSON only: a pickle body from anyone who can write to the broker would be

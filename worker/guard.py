@@ -75,6 +75,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage.store import Store
 from storage.strictjson import text_too_deep, value_depth
+from worker import prefetch
+from worker.handoff import HandOff
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=BaseException)
@@ -573,8 +575,13 @@ class GuardedConsumer(Consumer):
         set_inflate_limit(settings.max_message_bytes)
         install_amqp_header_guard()
 
+    _handoff: HandOff | None = None
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
+        """The door, behind the hand-off to the pool (worker/handoff.py); also
+        lets long tasks hold the prefetch window down (worker/prefetch.py)."""
         celery_handler = super().create_task_handler(*args, **kwargs)
+        prefetch.bind(self)
 
         def on_task_received(message: Any) -> None:
             try:
@@ -594,7 +601,13 @@ class GuardedConsumer(Consumer):
                     log.exception("error after message %s was settled", _context(message))
             return None
 
-        return on_task_received
+        self._handoff = HandOff(self, on_task_received)
+        return self._handoff
+
+    def on_close(self) -> None:
+        if self._handoff is not None:
+            self._handoff.reset()
+        super().on_close()
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
         """The consuming connection, through a guarded transport (see below) where we have one.

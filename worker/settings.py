@@ -186,7 +186,11 @@ class Settings(BaseSettings):
         description="Hard task time limit; at most half the visibility timeout (soft limit: 90%).",
     )
     worker_prefetch_multiplier: PositiveInt = Field(
-        default=1, description="Messages reserved per worker process (1: no hoarding)."
+        default=2,
+        description=(
+            "Messages reserved per worker process; a running learn or maintenance task"
+            " holds it at 1 for its process, so nothing waits behind a long task."
+        ),
     )
     worker_soft_shutdown_s: NonNegativeFloat = Field(
         default=10.0,
