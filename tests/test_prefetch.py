@@ -30,14 +30,20 @@ class Consumer:
 
 
 @pytest.fixture
-def consumer() -> Any:
-    yield  # each test binds its own
+def bound() -> Any:
+    """Bind a consumer of `processes` and `multiplier` for one test."""
+
+    def bind(processes: int, multiplier: int) -> Consumer:
+        consumer = Consumer(processes, multiplier)
+        prefetch.bind(consumer)
+        return consumer
+
+    yield bind
     prefetch.bind(None)
 
 
-def test_a_long_task_holds_its_share_of_the_window(consumer: None) -> None:
-    c = Consumer(processes=2, multiplier=2)
-    prefetch.bind(c)
+def test_a_long_task_holds_its_share_of_the_window(bound: Any) -> None:
+    c = bound(processes=2, multiplier=2)
     assert prefetch.hold(INGEST_TASK) is None  # ingest: reserve ahead behind it
     first, second = prefetch.hold(LEARN_TASK), prefetch.hold("adaptive.rebuild_agent")
     assert first is not None and second is not None
@@ -51,9 +57,8 @@ def test_a_long_task_holds_its_share_of_the_window(consumer: None) -> None:
     assert c.qos.value == 4
 
 
-def test_the_window_never_goes_below_one_and_comes_back_exactly(consumer: None) -> None:
-    c = Consumer(processes=1, multiplier=2)
-    prefetch.bind(c)
+def test_the_window_never_goes_below_one_and_comes_back_exactly(bound: Any) -> None:
+    c = bound(processes=1, multiplier=2)
     running, queued = prefetch.hold(LEARN_TASK), prefetch.hold(LEARN_TASK)
     assert running is not None and queued is None  # 2 -> 1, and 1 is kombu's floor
     assert c.qos.value == 1
@@ -61,9 +66,8 @@ def test_the_window_never_goes_below_one_and_comes_back_exactly(consumer: None) 
     assert c.qos.value == 2
 
 
-def test_nothing_to_hold_with_a_multiplier_of_one(consumer: None) -> None:
-    c = Consumer(processes=2, multiplier=1)
-    prefetch.bind(c)
+def test_nothing_to_hold_with_a_multiplier_of_one(bound: Any) -> None:
+    c = bound(processes=2, multiplier=1)
     assert prefetch.hold(LEARN_TASK) is None
     assert c.qos.value == 2
 
@@ -82,9 +86,8 @@ def _request(task: str, args: list[Any]) -> DecodedRequest:
 
 
 @pytest.mark.parametrize("settle", ["acknowledge", "reject"])
-def test_a_learn_request_holds_from_its_arrival_until_settled(consumer: None, settle: str) -> None:
-    c = Consumer(processes=1, multiplier=2)
-    prefetch.bind(c)
+def test_a_learn_request_holds_from_its_arrival_until_settled(bound: Any, settle: str) -> None:
+    c = bound(processes=1, multiplier=2)
     _request(INGEST_TASK, [["{}"]])
     assert c.qos.value == 2
     learn = _request(LEARN_TASK, ["agent-" + uuid.uuid4().hex[:6]])
@@ -95,9 +98,8 @@ def test_a_learn_request_holds_from_its_arrival_until_settled(consumer: None, se
     assert c.qos.value == 2
 
 
-def test_a_request_dropped_unsettled_gives_the_window_back(consumer: None) -> None:
-    c = Consumer(processes=1, multiplier=2)
-    prefetch.bind(c)
+def test_a_request_dropped_unsettled_gives_the_window_back(bound: Any) -> None:
+    c = bound(processes=1, multiplier=2)
     learn = _request(LEARN_TASK, ["agent-" + uuid.uuid4().hex[:6]])
     assert c.qos.value == 1
     del learn
