@@ -99,6 +99,8 @@ def test_exactly_once_under_concurrency_and_duplicates(
 
     for w in started:  # the main process and both pool children (worker/gc_tuning.py)
         assert len(set(re.findall(rb"gc tuned in process (\d+)", w.log.read_bytes()))) == 3
+        # The hand-off found what it reads of Celery's pool (worker/handoff.py).
+        assert b"hand-off on: jobs in flight watched; pool pipes of [1048576]" in w.log.read_bytes()
     for agent in agents:
         index = real_store.run_ids(agent)
         assert len(index) == len(set(index)) == expected[agent]

@@ -33,6 +33,8 @@ __all__ = ["HandOff"]
 log = logging.getLogger(__name__)
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10 on, Linux only
+F_GETPIPE_SZ = 1032
+WATCHED = ("_active_writes", "_busy_workers", "_all_inqueues", "outbound_buffer")
 PIPE_BYTES = 1 << 20
 POLL_S = 0.0005
 MAX_HOLD_S = 0.05
@@ -46,6 +48,7 @@ class HandOff:
         self._handle = handle
         self._held: collections.deque[tuple[float, Any]] = collections.deque()
         self._piped: set[tuple[int, int]] = set()
+        self._announced = False
 
     def __call__(self, message: Any) -> None:
         hub, jobs = getattr(self._consumer, "hub", None), self._jobs()
@@ -53,6 +56,8 @@ class HandOff:
             self._handle(message)
             return
         self._grow_pipes(jobs)
+        if not self._announced:
+            self._announce(jobs)
         if not self._held and not _writing(jobs):
             self._handle(message)
             return
@@ -81,17 +86,41 @@ class HandOff:
         jobs = getattr(getattr(self._consumer, "pool", None), "_pool", None)
         return jobs if hasattr(jobs, "outbound_buffer") else None
 
+    def _announce(self, jobs: Any) -> None:
+        """Say once whether the hand-off works: it reads attributes of Celery's
+        pool that a Celery upgrade could rename (then messages go straight
+        through, as before; tests/test_pipeline.py looks for this line)."""
+        self._announced = True
+        missing = [name for name in WATCHED if not hasattr(jobs, name)]
+        if missing:
+            log.warning("hand-off off: Celery's pool has no %s", ", ".join(missing))
+            return
+        sizes = sorted({_pipe_size(fd) for _, fd in _inqueues(jobs)})
+        log.info("hand-off on: jobs in flight watched; pool pipes of %s bytes", sizes)
+
     def _grow_pipes(self, jobs: Any) -> None:
         """1 MiB pipes to each pool process, set once per pipe, best effort."""
-        for proc in list(getattr(jobs, "_pool", ())):
-            fd = getattr(proc, "inqW_fd", None)
-            if fd is None or (id(proc), fd) in self._piped:
+        for proc, fd in _inqueues(jobs):
+            if (id(proc), fd) in self._piped:
                 continue
             self._piped.add((id(proc), fd))
             try:
                 fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
             except OSError as exc:  # not Linux, or a lower limit: 64 KB still works
                 log.debug("pool pipe %d stays at its size: %s", fd, exc)
+
+
+def _inqueues(jobs: Any) -> list[tuple[Any, int]]:
+    """(process, the write end of its job pipe) for each pool process."""
+    procs = list(getattr(jobs, "_pool", ()))
+    return [(p, fd) for p in procs if isinstance(fd := getattr(p, "inqW_fd", None), int)]
+
+
+def _pipe_size(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
+        return -1
 
 
 def _writing(jobs: Any) -> bool:
