@@ -179,11 +179,12 @@ class Store:
         if not runs:
             return []
         texts = list(encoded) if encoded is not None else [run.to_json() for run in runs]
+        run_keys = [self.keys.run(run.agent_id, run.id) for run in runs]
         keys: list[str] = []
         tombstone_keys: list[str] = []
-        for run in runs:
+        for run, run_key in zip(runs, run_keys, strict=True):
             agent = run.agent_id
-            run_key, tombstones = self.keys.run(agent, run.id), self.keys.tombstones(agent)
+            tombstones = self.keys.tombstones(agent)
             keys += [run_key, self.keys.runs_index(agent), tombstones]
             keys += [self.keys.stored_at(agent), self.keys.cursor(agent)]
             tombstone_keys += [run_key, tombstones]
@@ -192,13 +193,13 @@ class Store:
 
         def queue(pipe: Any) -> None:
             pipe.eval(self._index_runs, len(keys), *keys, *ids, *(run.agent_id for run in runs))
-            for run_key, text in zip(keys[::5], texts, strict=False):
+            for run_key, text in zip(run_keys, texts, strict=True):
                 pipe.set(run_key, text, nx=True)
             pipe.eval(self._drop_tombstoned, len(tombstone_keys), *tombstone_keys, *ids)
 
         (outcomes, positions), *_ = self._transaction("storing runs", queue)
         present = [i for i, outcome in enumerate(outcomes) if outcome == -1]
-        stored = dict(zip(present, self.client.mget([keys[5 * i] for i in present]), strict=True))
+        stored = dict(zip(present, self.client.mget([run_keys[i] for i in present]), strict=True))
         return [
             StoreOutcome(
                 outcome == 1,
@@ -341,22 +342,16 @@ class Store:
         return CommitResult(version >= 0, version)
 
     def _transaction(self, what: str, queue: Callable[[Any], None]) -> list[Any]:
-        """The replies of the commands `queue` adds, run as one MULTI/EXEC,
-        then (durability on) WAIT on the same connection, as `_durably` does."""
+        """The replies of the commands `queue` adds, run as one MULTI/EXEC
+        (then WAIT, as `_durably` does)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("MULTI")
         queue(pipe)
         pipe.execute_command("EXEC")
-        wanted = self.durability_replicas
-        if wanted > 0:
-            pipe.execute_command("WAIT", wanted, self.durability_timeout_ms)
-        replies = pipe.execute()
-        executed = replies[-2] if wanted > 0 else replies[-1]
+        executed = self._execute_and_wait(what, pipe)[-1]
         for reply in executed:
             if isinstance(reply, Exception):  # a command failed inside EXEC
                 raise reply
-        if wanted > 0 and int(replies[-1]) < wanted:
-            raise NotDurable(what, int(replies[-1]), wanted, self.durability_timeout_ms)
         return list(executed)
 
     def _durably(self, what: str, script: Any, keys: list[str], args: list[Any]) -> Any:
@@ -366,16 +361,23 @@ class Store:
         replication offset the script's writes reached. A conflicting commit
         wrote nothing of its own, but waiting for it costs one round trip.
         """
-        wanted = self.durability_replicas
-        if wanted <= 0:
+        if self.durability_replicas <= 0:
             return script(keys=keys, args=args)
         pipe = self.client.pipeline(transaction=False)
         script(keys=keys, args=args, client=pipe)
+        return self._execute_and_wait(what, pipe)[0]
+
+    def _execute_and_wait(self, what: str, pipe: Any) -> list[Any]:
+        """`pipe`'s replies, after a WAIT on its connection when durability is on
+        (NotDurable if fewer replicas than wanted confirmed in time)."""
+        wanted = self.durability_replicas
+        if wanted <= 0:
+            return list(pipe.execute())
         pipe.execute_command("WAIT", wanted, self.durability_timeout_ms)
-        reply, confirmed = pipe.execute()
+        *replies, confirmed = pipe.execute()
         if int(confirmed) < wanted:
             raise NotDurable(what, int(confirmed), wanted, self.durability_timeout_ms)
-        return reply
+        return replies
 
     # ------------------------------------------------- retention and rebuild
     def trim(self, agent_id: str, count: int, *, now_s: float, tombstones: int) -> int:
