@@ -44,9 +44,11 @@ def _job(request_cls: type[Request]) -> tuple[Any, bytes, int]:
     return request, job, len(msg.body)
 
 
-def test_ingest_and_learn_tasks_use_it() -> None:
-    assert jobs.ingest_runs.Request is DecodedRequest
-    assert jobs.learn_agent.Request is DecodedRequest
+def test_every_task_uses_it() -> None:
+    """One decode per body, and the prefetch hold of long tasks (worker/prefetch.py)."""
+    ours = [t for name, t in app.tasks.items() if name.startswith("adaptive.")]
+    assert {t.name for t in ours} >= {INGEST_TASK, jobs.learn_agent.name, jobs.rebuild_agent.name}
+    assert all(t.Request is DecodedRequest for t in ours)
 
 
 def test_the_pool_gets_the_arguments_once_and_no_body_to_decode() -> None:

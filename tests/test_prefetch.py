@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from kombu.common import QoS
 
-from tasks import jobs
 from tests.test_poison import check, message
 from worker import handoff, prefetch
 from worker.celery import INGEST_TASK, LEARN_TASK, app
@@ -105,11 +104,6 @@ def test_a_request_dropped_unsettled_gives_the_window_back(bound: Any) -> None:
     del learn
     gc.collect()
     assert c.qos.value == 2
-
-
-def test_the_tasks_use_the_holding_request() -> None:
-    assert jobs.learn_agent.Request is DecodedRequest
-    assert jobs.rebuild_agent.Request is DecodedRequest
 
 
 # ------------------------------------------------------------------ hand-off

@@ -11,10 +11,10 @@ Why not simply: a message reserved by a worker waits there until one of its
 processes is free, even when another worker is idle. Behind an ingest
 (~0.25 s for 500 runs) that costs nothing; behind a learn (up to
 `ADAPTIVE_LEARN_TIME_BUDGET_S`) or a rebuild it would. So each task that is
-not an ingest, from the moment Celery hands it to the pool until it is
-acked or rejected, lowers the window by multiplier - 1: when every process
-runs such a task, the worker reserves nothing beyond them. Celery adjusts
-the same window for ETA tasks, with the same `QoS` calls.
+not an ingest, from its arrival until it is acked or rejected
+(worker/request.py), lowers the window by multiplier - 1: when every
+process runs such a task, the worker reserves nothing beyond them. Celery
+adjusts the same window for ETA tasks, with the same `QoS` calls.
 """
 
 from __future__ import annotations
